@@ -1,0 +1,1 @@
+"""The store: schema and migrations, PostgreSQL and DuckDB adapters, usage queries."""

@@ -1,0 +1,1 @@
+"""The invoicer: billing periods, period close, invoice lines and documents."""

@@ -1,0 +1,1 @@
+"""The composition root: the ``meterline`` console script, settings and wiring."""

@@ -1,0 +1,1 @@
+"""Rating: the catalog, the Kafka consumer and the vectorised rating engine."""
