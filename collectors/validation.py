@@ -1,0 +1,306 @@
+"""Validation at the edge: decode a batch, judge every sample, keep the accepted ones.
+
+Pure: NumPy over whole columns, never a Python loop per sample. The only per-item Python
+work is per dictionary entry (distinct resource ids and meter names) and per *rejected*
+sample (to build its rejection), both bounded by the batch size.
+
+Two levels of failure:
+
+* A batch that is not a well-formed batch raises :class:`MalformedBatchError` (the gRPC
+  adapter answers ``INVALID_ARGUMENT``): bytes that are not a ``SampleBatch``, too many
+  bytes, an empty ``agent_id``, ``seq`` 0, per-sample columns of unequal length, more
+  samples than allowed, a dictionary longer than the sample count, or a dictionary index
+  out of range.
+* A well-formed batch is judged per sample. Each rejected sample gets exactly one code: the
+  first rule it fails, in this fixed order (``RULE_ORDER``)::
+
+      UNKNOWN_METER           meter_index     meter name not in the directory
+      UNKNOWN_RESOURCE        resource_index  resource id not in the directory
+      NEGATIVE_QUANTITY       value           value < 0
+      QUANTITY_OVERFLOW       value           value > limits.max_value
+      INTERVAL_OUT_OF_RANGE   duration_s      duration not in [min_duration_s, max_duration_s]
+      TIMESTAMP_OUT_OF_RANGE  start_unix_s    end > now + max_clock_skew_s, or
+                                              start < now - the meter's max_lateness_s
+
+  The interval length is checked before the timestamps so that an absurd duration is reported
+  as such, not as a sample "from the future".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError
+
+from collectors.directory import Directory, Limits
+from meterline_proto.agent.v1 import agent_pb2
+from meterline_proto.usage.v1 import samples_pb2
+
+RejectCode: TypeAlias = agent_pb2.RejectCode.ValueType
+
+RULE_ORDER: tuple[RejectCode, ...] = (
+    agent_pb2.UNKNOWN_METER,
+    agent_pb2.UNKNOWN_RESOURCE,
+    agent_pb2.NEGATIVE_QUANTITY,
+    agent_pb2.QUANTITY_OVERFLOW,
+    agent_pb2.INTERVAL_OUT_OF_RANGE,
+    agent_pb2.TIMESTAMP_OUT_OF_RANGE,
+)
+
+# The column each code points at (Rejection.field).
+FIELD_OF_CODE: dict[RejectCode, str] = {
+    agent_pb2.UNKNOWN_METER: "meter_index",
+    agent_pb2.UNKNOWN_RESOURCE: "resource_index",
+    agent_pb2.NEGATIVE_QUANTITY: "value",
+    agent_pb2.QUANTITY_OVERFLOW: "value",
+    agent_pb2.INTERVAL_OUT_OF_RANGE: "duration_s",
+    agent_pb2.TIMESTAMP_OUT_OF_RANGE: "start_unix_s",
+}
+
+_PER_SAMPLE_COLUMNS = (
+    "resource_index",
+    "meter_index",
+    "start_unix_s",
+    "duration_s",
+    "value",
+)
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+class MalformedBatchError(ValueError):
+    """The bytes are not a well-formed batch; the message names the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    index: int  # position of the sample in the batch's columns
+    code: RejectCode
+    field: str  # the offending column
+    detail: str
+
+    def to_proto(self) -> agent_pb2.Rejection:
+        return agent_pb2.Rejection(
+            sample_index=self.index, code=self.code, field=self.field, detail=self.detail
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Per sample: accepted (``accepted_mask[i]``) or rejected once (in ``rejections``)."""
+
+    accepted_mask: BoolArray
+    rejections: tuple[Rejection, ...]
+
+    @property
+    def accepted_count(self) -> int:
+        return int(np.count_nonzero(self.accepted_mask))
+
+    @property
+    def sample_count(self) -> int:
+        return int(self.accepted_mask.shape[0])
+
+
+def _where(batch: agent_pb2.SampleBatch) -> str:
+    return f"batch agent_id={batch.agent_id!r} seq={batch.seq}"
+
+
+def decode_batch(raw: bytes, limits: Limits | None = None) -> agent_pb2.SampleBatch:
+    """Parse and check the shape of one batch, or raise :class:`MalformedBatchError`."""
+    limits = limits if limits is not None else Limits()
+    if len(raw) > limits.max_message_bytes:
+        raise MalformedBatchError(
+            f"message of {len(raw)} bytes exceeds the limit of {limits.max_message_bytes} bytes"
+        )
+    batch = agent_pb2.SampleBatch()
+    try:
+        batch.ParseFromString(raw)
+    except DecodeError as exc:
+        raise MalformedBatchError(f"not a meterline.agent.v1.SampleBatch: {exc}") from None
+    if not batch.agent_id:
+        raise MalformedBatchError(f"{_where(batch)}: agent_id is empty")
+    if batch.seq == 0:
+        raise MalformedBatchError(f"{_where(batch)}: seq must be >= 1, got 0")
+    cols = batch.samples
+    lengths = {name: len(getattr(cols, name)) for name in _PER_SAMPLE_COLUMNS}
+    n = lengths["resource_index"]
+    if any(length != n for length in lengths.values()):
+        shown = ", ".join(f"{k}={v}" for k, v in lengths.items())
+        raise MalformedBatchError(f"{_where(batch)}: columns of unequal length ({shown})")
+    if n > limits.max_samples_per_batch:
+        raise MalformedBatchError(
+            f"{_where(batch)}: {n} samples exceed the limit of "
+            f"{limits.max_samples_per_batch} per batch"
+        )
+    for dict_name, index_name in (
+        ("resource_dict", "resource_index"),
+        ("meter_dict", "meter_index"),
+    ):
+        size = len(getattr(cols, dict_name))
+        if size > n:
+            raise MalformedBatchError(
+                f"{_where(batch)}: {dict_name} has {size} entries for {n} samples"
+            )
+        if n == 0:
+            continue
+        index = np.array(getattr(cols, index_name), dtype=np.uint32)
+        bad = np.flatnonzero(index >= size)
+        if bad.size:
+            first = int(bad[0])
+            raise MalformedBatchError(
+                f"{_where(batch)}: {index_name}[{first}] = {int(index[first])} is out of range "
+                f"for {dict_name} of {size} entries ({bad.size} samples affected)"
+            )
+    return batch
+
+
+def validate(
+    batch: agent_pb2.SampleBatch, directory: Directory, limits: Limits, now_unix_s: int
+) -> Verdict:
+    """Judge every sample of a decoded (``decode_batch``) batch against the directory."""
+    cols = batch.samples
+    resource_index = np.array(cols.resource_index, dtype=np.intp)
+    meter_index = np.array(cols.meter_index, dtype=np.intp)
+    start = np.array(cols.start_unix_s, dtype=np.int64)
+    duration = np.array(cols.duration_s, dtype=np.int64)
+    value = np.array(cols.value, dtype=np.int64)
+    n = resource_index.shape[0]
+
+    # Per dictionary entry (distinct names), then gathered per sample.
+    meter_rules = [directory.meters.get(name) for name in cols.meter_dict]
+    meter_known = np.array([r is not None for r in meter_rules], dtype=np.bool_)
+    lateness_s = np.array(
+        [r.max_lateness_s if r is not None else 0 for r in meter_rules], dtype=np.int64
+    )
+    resource_known = np.array(
+        [rid in directory.resource_ids for rid in cols.resource_dict], dtype=np.bool_
+    )
+
+    # Overflow-free forms: end > now + skew  <=>  start > now + skew - duration.
+    failing: dict[RejectCode, BoolArray] = {
+        agent_pb2.UNKNOWN_METER: ~meter_known[meter_index],
+        agent_pb2.UNKNOWN_RESOURCE: ~resource_known[resource_index],
+        agent_pb2.NEGATIVE_QUANTITY: value < 0,
+        agent_pb2.QUANTITY_OVERFLOW: value > limits.max_value,
+        agent_pb2.INTERVAL_OUT_OF_RANGE: (duration < limits.min_duration_s)
+        | (duration > limits.max_duration_s),
+        agent_pb2.TIMESTAMP_OUT_OF_RANGE: (start > now_unix_s + limits.max_clock_skew_s - duration)
+        | (start < now_unix_s - lateness_s[meter_index]),
+    }
+    codes = np.zeros(n, dtype=np.int8)
+    for code in RULE_ORDER:  # a loop per rule, not per sample
+        codes[(codes == 0) & failing[code]] = code
+    rejected = np.flatnonzero(codes)
+    accepted_mask = codes == 0
+    if rejected.size == 0:
+        return Verdict(accepted_mask=accepted_mask, rejections=())
+
+    rejections = tuple(
+        _rejection(
+            batch,
+            int(i),
+            code=agent_pb2.RejectCode.ValueType(int(codes[i])),
+            directory=directory,
+            limits=limits,
+            now_unix_s=now_unix_s,
+        )
+        for i in rejected  # rejected samples only
+    )
+    return Verdict(accepted_mask=accepted_mask, rejections=rejections)
+
+
+def _rejection(
+    batch: agent_pb2.SampleBatch,
+    i: int,
+    *,
+    code: RejectCode,
+    directory: Directory,
+    limits: Limits,
+    now_unix_s: int,
+) -> Rejection:
+    cols = batch.samples
+    meter = cols.meter_dict[cols.meter_index[i]]
+    resource = cols.resource_dict[cols.resource_index[i]]
+    value = cols.value[i]
+    start = cols.start_unix_s[i]
+    duration = cols.duration_s[i]
+    if code == agent_pb2.UNKNOWN_METER:
+        detail = f"meter {meter!r} is not in the catalog"
+    elif code == agent_pb2.UNKNOWN_RESOURCE:
+        detail = f"resource {resource!r} is not in the catalog"
+    elif code == agent_pb2.NEGATIVE_QUANTITY:
+        detail = f"value {value} is negative (meter {meter!r}, resource {resource!r})"
+    elif code == agent_pb2.QUANTITY_OVERFLOW:
+        detail = f"value {value} exceeds the maximum {limits.max_value} (meter {meter!r})"
+    elif code == agent_pb2.INTERVAL_OUT_OF_RANGE:
+        detail = (
+            f"duration {duration} s is outside [{limits.min_duration_s}, {limits.max_duration_s}] s"
+        )
+    else:
+        end = start + duration
+        if end > now_unix_s + limits.max_clock_skew_s:
+            detail = (
+                f"interval ends at {end}, more than {limits.max_clock_skew_s} s "
+                f"after the collector clock {now_unix_s}"
+            )
+        else:
+            lateness_s = directory.meters[meter].max_lateness_s
+            detail = (
+                f"interval starts at {start}, more than the max lateness of {lateness_s} s "
+                f"of meter {meter!r} before the collector clock {now_unix_s}"
+            )
+    return Rejection(index=i, code=code, field=FIELD_OF_CODE[code], detail=detail)
+
+
+def accepted_columns(
+    batch: agent_pb2.SampleBatch, accepted_mask: BoolArray
+) -> samples_pb2.SampleColumns:
+    """The accepted samples only, with compact dictionaries (only the entries they use).
+
+    When every sample is accepted the batch's columns are returned as they are (the same
+    message object; copy it before changing it).
+    """
+    cols = batch.samples
+    if bool(np.all(accepted_mask)):
+        return cols
+    out = samples_pb2.SampleColumns()
+    if not bool(np.any(accepted_mask)):
+        return out
+    for dict_name, index_name in (
+        ("resource_dict", "resource_index"),
+        ("meter_dict", "meter_index"),
+    ):
+        kept = np.array(getattr(cols, index_name), dtype=np.int64)[accepted_mask]
+        used, compact = np.unique(kept, return_inverse=True)
+        entries = getattr(cols, dict_name)
+        getattr(out, dict_name).extend([entries[j] for j in used.tolist()])  # per distinct entry
+        getattr(out, index_name).extend(compact.tolist())
+    out.start_unix_s.extend(np.array(cols.start_unix_s, dtype=np.int64)[accepted_mask].tolist())
+    out.duration_s.extend(np.array(cols.duration_s, dtype=np.int64)[accepted_mask].tolist())
+    out.value.extend(np.array(cols.value, dtype=np.int64)[accepted_mask].tolist())
+    return out
+
+
+def encode_columns(
+    resource_ids: npt.ArrayLike,
+    meters: npt.ArrayLike,
+    start_unix_s: npt.ArrayLike,
+    duration_s: npt.ArrayLike,
+    value: npt.ArrayLike,
+) -> samples_pb2.SampleColumns:
+    """Build columns with compact dictionaries from per-sample arrays (tests, simulator)."""
+    out = samples_pb2.SampleColumns()
+    for dict_name, index_name, names in (
+        ("resource_dict", "resource_index", resource_ids),
+        ("meter_dict", "meter_index", meters),
+    ):
+        uniques, inverse = np.unique(np.asarray(names, dtype=np.str_), return_inverse=True)
+        getattr(out, dict_name).extend(uniques.tolist())
+        getattr(out, index_name).extend(inverse.reshape(-1).tolist())
+    out.start_unix_s.extend(np.asarray(start_unix_s, dtype=np.int64).tolist())
+    out.duration_s.extend(np.asarray(duration_s, dtype=np.int64).tolist())
+    out.value.extend(np.asarray(value, dtype=np.int64).tolist())
+    return out
