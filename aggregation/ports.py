@@ -99,7 +99,7 @@ class UsageTotal:
 @dataclass(frozen=True, slots=True)
 class StoredInvoice:
     """An invoice as the invoicer rendered it. ``key`` is deterministic:
-    ``{account_id}/{period_start:%Y-%m-%d}``; saving a draft again replaces it."""
+    ``{account_id}/{local start date of the period}``; saving a draft again replaces it."""
 
     key: str
     account_id: str

@@ -1,0 +1,143 @@
+"""Checks and shaping of the frames handed to ``Store.write_rated``, shared by both adapters.
+
+Pure: Polars only, whole frames at a time. The adapters call ``prepare_rated`` first, so a
+bad frame is refused with a clear message before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from aggregation.ports import (
+    LEDGER_SCHEMA,
+    PARTIALS_SCHEMA,
+    ConsumedOffset,
+    StoredInvoice,
+)
+
+BATCH_KEY = ("agent_id", "seq")
+HOURLY_KEY = ("subscription_id", "meter", "hour_start")
+PARTIAL_KEY = (*BATCH_KEY, *HOURLY_KEY)
+INVOICE_STATUSES = ("draft", "issued")
+_EXAMPLES = 3  # how many offending keys an error message names
+
+
+@dataclass(frozen=True, slots=True)
+class RatedWrite:
+    """What write_rated writes, checked and shaped.
+
+    ``ledger`` holds each (agent_id, seq) once (the first row of each); ``partials`` holds
+    each (agent_id, seq, subscription_id, meter, hour_start) once; ``offsets`` holds each
+    (group_id, topic, partition) once, with its highest next_offset.
+    """
+
+    ledger: pl.DataFrame
+    partials: pl.DataFrame
+    offsets: tuple[ConsumedOffset, ...]
+    ledger_rows: int  # rows handed in, repeats included
+
+
+def require_aware(value: datetime, what: str) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime (UTC), got naive {value}")
+
+
+def check_frame(frame: pl.DataFrame, schema: dict[str, pl.DataType], what: str) -> None:
+    """Refuse a frame whose columns, dtypes or nulls differ from ``schema``; name them all."""
+    problems: list[str] = []
+    missing = [c for c in schema if c not in frame.schema]
+    if missing:
+        problems.append(f"missing columns {missing}")
+    extra = [c for c in frame.schema if c not in schema]
+    if extra:
+        problems.append(f"unexpected columns {extra}")
+    problems.extend(
+        f"column {c!r} is {frame.schema[c]}, expected {dtype}"
+        for c, dtype in schema.items()
+        if c in frame.schema and frame.schema[c] != dtype
+    )
+    if not problems and frame.height:
+        nulls = frame.null_count().row(0, named=True)
+        problems.extend(f"column {c!r} has {n} null(s)" for c, n in nulls.items() if n)
+    if problems:
+        raise ValueError(f"{what} frame does not match its schema: " + "; ".join(problems))
+
+
+def _examples(frame: pl.DataFrame, columns: Sequence[str]) -> str:
+    rows = frame.select(columns).head(_EXAMPLES).rows()
+    return ", ".join(str(r) for r in rows)
+
+
+def prepare_rated(
+    ledger: pl.DataFrame,
+    partials: pl.DataFrame,
+    offsets: Sequence[ConsumedOffset],
+    rated_at: datetime,
+) -> RatedWrite:
+    """Check the inputs of write_rated and remove repeats that must count once."""
+    require_aware(rated_at, "rated_at")
+    check_frame(ledger, LEDGER_SCHEMA, "ledger")
+    check_frame(partials, PARTIALS_SCHEMA, "partials")
+
+    unique_ledger = ledger.unique(subset=BATCH_KEY, keep="first", maintain_order=True)
+
+    # A batch delivered twice in one poll may bring its partial rows twice: identical rows
+    # collapse. Two different rows for one (batch, subscription, meter, hour) cannot both
+    # be right, so they are refused rather than summed.
+    unique_partials = partials.unique(maintain_order=True)
+    if unique_partials.height != unique_partials.select(PARTIAL_KEY).n_unique():
+        clashes = unique_partials.filter(pl.struct(PARTIAL_KEY).is_duplicated())
+        raise ValueError(
+            "partials frame holds different rows for the same (agent_id, seq, "
+            "subscription_id, meter, hour_start): aggregate each batch once; e.g. "
+            + _examples(clashes, PARTIAL_KEY)
+        )
+    orphans = unique_partials.join(unique_ledger, on=BATCH_KEY, how="anti")
+    if orphans.height:
+        raise ValueError(
+            f"partials frame has {orphans.height} row(s) of batches missing from the ledger "
+            f"frame (agent_id, seq): {_examples(orphans.unique(BATCH_KEY), BATCH_KEY)}"
+        )
+    misaligned = unique_partials.filter(
+        pl.col("hour_start") != pl.col("hour_start").dt.truncate("1h")
+    )
+    if misaligned.height:
+        raise ValueError(
+            f"partials frame has {misaligned.height} hour_start value(s) not on a whole UTC "
+            f"hour, e.g. {misaligned['hour_start'].head(_EXAMPLES).to_list()}"
+        )
+
+    latest: dict[tuple[str, str, int], ConsumedOffset] = {}
+    for offset in offsets:
+        if offset.next_offset < 0:
+            raise ValueError(f"negative next_offset in {offset}")
+        key = (offset.group_id, offset.topic, offset.partition)
+        if key not in latest or latest[key].next_offset < offset.next_offset:
+            latest[key] = offset
+
+    return RatedWrite(
+        ledger=unique_ledger,
+        partials=unique_partials,
+        offsets=tuple(latest.values()),
+        ledger_rows=ledger.height,
+    )
+
+
+def check_invoices(invoices: Sequence[StoredInvoice]) -> None:
+    """Refuse invoices the store cannot keep as given; name the key and the problem."""
+    seen: set[str] = set()
+    for invoice in invoices:
+        where = f"invoice {invoice.key!r}"
+        if invoice.key in seen:
+            raise ValueError(f"{where} appears twice in one save_invoices call")
+        seen.add(invoice.key)
+        if invoice.status not in INVOICE_STATUSES:
+            raise ValueError(f"{where}: status {invoice.status!r} is not one of {INVOICE_STATUSES}")
+        require_aware(invoice.period_start, f"{where}: period_start")
+        require_aware(invoice.period_end, f"{where}: period_end")
+        if invoice.period_end <= invoice.period_start:
+            raise ValueError(f"{where}: period_end must be after period_start")

@@ -1,0 +1,629 @@
+"""The Store contract, run against both adapters (PostgreSQL and DuckDB) via ``store``.
+
+Given a migrated, empty store; when rating, the catalog or the invoicer write through the
+port; then what they read back is exact, and a batch counts once whatever is repeated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import psycopg
+import pytest
+
+from aggregation import migrations
+from aggregation.factory import open_store
+from aggregation.pg_store import PgStore
+from aggregation.ports import (
+    HOURLY_SCHEMA,
+    LEDGER_SCHEMA,
+    PARTIALS_SCHEMA,
+    ConsumedOffset,
+    IssuedInvoiceError,
+    Store,
+    StoredInvoice,
+    UsageTotal,
+    WriteOutcome,
+)
+
+pytestmark = pytest.mark.integration
+
+H0 = datetime(2026, 10, 1, tzinfo=UTC)
+RATED_AT = datetime(2026, 10, 2, 12, 0, 0, tzinfo=UTC)
+TOPIC = "usage.samples.v1"
+GROUP = "rating"
+EVER = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+MAX_QUANTITY = 10**38 - 1  # the largest numeric(38,0)
+
+
+def hour(n: int) -> datetime:
+    return H0 + timedelta(hours=n)
+
+
+def ledger(*keys: tuple[str, int], partition: int = 0, first_offset: int = 0) -> pl.DataFrame:
+    """One ledger row per (agent_id, seq), at consecutive offsets."""
+    rows = [
+        (agent, seq, TOPIC, partition, first_offset + i, H0, 10)
+        for i, (agent, seq) in enumerate(keys)
+    ]
+    return pl.DataFrame(rows, schema=LEDGER_SCHEMA, orient="row")
+
+
+Part = tuple[str, int, str, str, int, int, int, int]  # agent, seq, sub, meter, hour, q, max, n
+
+
+def partials(*parts: Part) -> pl.DataFrame:
+    rows = [
+        (agent, seq, sub, meter, hour(h), Decimal(q), Decimal(qmax), n)
+        for agent, seq, sub, meter, h, q, qmax, n in parts
+    ]
+    return pl.DataFrame(rows, schema=PARTIALS_SCHEMA, orient="row")
+
+
+def hourly(store: Store) -> list[tuple[str, str, datetime, int, int, int]]:
+    """Every usage_hourly row as plain ints."""
+    frame = store.usage_hourly(*EVER)
+    return [(s, m, h, int(q), int(qmax), n) for s, m, h, q, qmax, n in frame.rows()]
+
+
+def invoice(key: str, *, status: str = "draft", total: int = 100, doc: str = "{}") -> StoredInvoice:
+    account, _, day = key.partition("/")
+    start = datetime.fromisoformat(day).replace(tzinfo=UTC)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return StoredInvoice(key, account, start, end, "EUR", status, total, doc)
+
+
+# -- schema -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["postgresql", "duckdb"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty, unmigrated store, in each form open_store() accepts for files."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return f"duckdb://{tmp_path / 'fresh.duckdb'}"
+
+
+@pytest.fixture
+def fresh_store(store_url: str) -> Iterator[Store]:
+    store = open_store(store_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def test_migrate_applies_every_version_once(fresh_store: Store) -> None:
+    versions = [m.version for m in migrations.discover("postgresql")]
+    assert versions == [m.version for m in migrations.discover("duckdb")]
+    assert fresh_store.migrate() == versions
+    assert fresh_store.migrate() == []
+
+
+def test_migrate_again_on_a_migrated_store_is_a_no_op(store: Store) -> None:
+    assert store.migrate() == []
+    assert store.ledger_count() == 0
+
+
+def test_schema_survives_reopening(store_url: str) -> None:
+    first = open_store(store_url)
+    try:
+        first.migrate()
+        first.save_catalog("{}", "d", "catalog.yaml", H0)
+    finally:
+        first.close()
+    second = open_store(store_url)
+    try:
+        assert second.migrate() == []
+        loaded = second.load_catalog()
+        assert loaded is not None
+        assert loaded.version == 1
+    finally:
+        second.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://x", "duckdb://relative.duckdb", "duckdb:memory:", "duckdb:///", "", "sqlite:///a"],
+)
+def test_open_store_names_the_accepted_forms(url: str) -> None:
+    with pytest.raises(ValueError, match="duckdb::memory:") as caught:
+        open_store(url)
+    assert repr(url) in str(caught.value)
+
+
+def test_in_memory_duckdb_store() -> None:
+    store = open_store("duckdb::memory:")
+    try:
+        assert store.migrate() == [m.version for m in migrations.discover("duckdb")]
+        assert store.load_catalog() is None
+    finally:
+        store.close()
+
+
+# -- catalog ------------------------------------------------------------------------------
+
+
+def test_catalog_versions_are_kept_and_the_latest_is_loaded(store: Store) -> None:
+    assert store.load_catalog() is None
+    v1 = store.save_catalog('{"v": 1}', "digest-1", "/etc/catalog.yaml", H0)
+    later = H0 + timedelta(days=1, microseconds=7)
+    v2 = store.save_catalog('{"v": 2}', "digest-2", "/etc/catalog.yaml", later)
+    assert v2 > v1
+
+    latest = store.load_catalog()
+    assert latest is not None
+    assert (latest.version, latest.document, latest.digest, latest.source) == (
+        v2,
+        '{"v": 2}',
+        "digest-2",
+        "/etc/catalog.yaml",
+    )
+    assert latest.applied_at == later
+    assert latest.applied_at.tzinfo is UTC
+
+
+# -- write_rated: exactly once --------------------------------------------------------------
+
+
+def test_a_batch_counts_once_across_calls(store: Store) -> None:
+    first = store.write_rated(
+        ledger(("agent-1", 1)),
+        partials(("agent-1", 1, "sub-1", "cpu", 0, 100, 7, 3)),
+        [ConsumedOffset(GROUP, TOPIC, 0, 1)],
+        RATED_AT,
+    )
+    assert first == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=1)
+    before = hourly(store)
+
+    # Redelivered later (a replay or a retry): same identity, nothing counted again.
+    again = store.write_rated(
+        ledger(("agent-1", 1), first_offset=5),
+        partials(("agent-1", 1, "sub-1", "cpu", 0, 100, 7, 3)),
+        [ConsumedOffset(GROUP, TOPIC, 0, 6)],
+        RATED_AT,
+    )
+    assert again == WriteOutcome(new_batches=0, duplicate_batches=1, hourly_rows=0)
+    assert hourly(store) == before == [("sub-1", "cpu", hour(0), 100, 7, 3)]
+    assert store.ledger_count() == 1
+    assert store.committed_offsets(GROUP, TOPIC) == {0: 6}
+
+
+def test_a_batch_twice_in_one_ledger_frame_counts_once(store: Store) -> None:
+    outcome = store.write_rated(
+        ledger(("agent-1", 1), ("agent-2", 1), ("agent-1", 1)),
+        partials(
+            ("agent-1", 1, "sub-1", "cpu", 0, 100, 7, 3),
+            ("agent-2", 1, "sub-2", "cpu", 0, 5, 5, 1),
+        ),
+        [ConsumedOffset(GROUP, TOPIC, 0, 3)],
+        RATED_AT,
+    )
+    assert outcome == WriteOutcome(new_batches=2, duplicate_batches=1, hourly_rows=2)
+    assert hourly(store) == [
+        ("sub-1", "cpu", hour(0), 100, 7, 3),
+        ("sub-2", "cpu", hour(0), 5, 5, 1),
+    ]
+    assert store.ledger_count() == 2
+
+
+def test_a_batch_with_its_partials_twice_in_one_call_counts_once(store: Store) -> None:
+    part: Part = ("agent-1", 1, "sub-1", "cpu", 0, 100, 7, 3)
+    outcome = store.write_rated(
+        ledger(("agent-1", 1), ("agent-1", 1)), partials(part, part), [], RATED_AT
+    )
+    assert outcome == WriteOutcome(new_batches=1, duplicate_batches=1, hourly_rows=1)
+    assert hourly(store) == [("sub-1", "cpu", hour(0), 100, 7, 3)]
+
+
+def test_partial_sums_add_up_across_calls(store: Store) -> None:
+    first = store.write_rated(
+        ledger(("agent-1", 1), ("agent-2", 1)),
+        partials(
+            ("agent-1", 1, "sub-1", "cpu", 0, 10, 4, 3),
+            ("agent-2", 1, "sub-1", "cpu", 0, 5, 9, 2),
+            ("agent-2", 1, "sub-1", "ram", 0, 1, 1, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+    assert first.hourly_rows == 2  # the two parts of (sub-1, cpu, hour 0) became one row
+    second = store.write_rated(
+        ledger(("agent-1", 2)),
+        partials(
+            ("agent-1", 2, "sub-1", "cpu", 0, 7, 6, 1),
+            ("agent-1", 2, "sub-1", "cpu", 1, 3, 3, 1),
+        ),
+        [],
+        RATED_AT + timedelta(minutes=1),
+    )
+    assert second == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=2)
+    assert hourly(store) == [
+        ("sub-1", "cpu", hour(0), 22, 9, 6),
+        ("sub-1", "cpu", hour(1), 3, 3, 1),
+        ("sub-1", "ram", hour(0), 1, 1, 1),
+    ]
+
+
+def test_quantities_beyond_int64_are_exact(store: Store) -> None:
+    huge = 2**70
+    store.write_rated(
+        ledger(("agent-1", 1), ("agent-1", 2)),
+        partials(
+            ("agent-1", 1, "sub-1", "mem.byte_seconds", 0, huge, huge - 1, 1),
+            ("agent-1", 2, "sub-1", "mem.byte_seconds", 0, huge + 1, 2**65, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+    frame = store.usage_hourly(*EVER)
+    assert frame.schema == pl.Schema(HOURLY_SCHEMA)
+    assert frame["quantity"].to_list() == [Decimal(2 * huge + 1)]
+    assert frame["quantity_max"].to_list() == [Decimal(huge - 1)]
+    assert store.usage_totals(*EVER) == [
+        UsageTotal("sub-1", "mem.byte_seconds", 2 * huge + 1, huge - 1, 2)
+    ]
+
+
+def test_offsets_never_move_backwards(store: Store) -> None:
+    store.write_rated(
+        ledger(),
+        partials(),
+        [ConsumedOffset(GROUP, TOPIC, 0, 10), ConsumedOffset(GROUP, TOPIC, 1, 5)],
+        RATED_AT,
+    )
+    outcome = store.write_rated(
+        ledger(),
+        partials(),
+        [
+            ConsumedOffset(GROUP, TOPIC, 0, 7),  # behind what is stored: ignored
+            ConsumedOffset(GROUP, TOPIC, 1, 8),
+            ConsumedOffset(GROUP, TOPIC, 1, 6),  # the same partition twice: the highest wins
+            ConsumedOffset(GROUP, TOPIC, 2, 0),
+            ConsumedOffset("other-group", TOPIC, 0, 99),
+            ConsumedOffset(GROUP, "other-topic", 0, 42),
+        ],
+        RATED_AT,
+    )
+    assert outcome == WriteOutcome(new_batches=0, duplicate_batches=0, hourly_rows=0)
+    assert store.committed_offsets(GROUP, TOPIC) == {0: 10, 1: 8, 2: 0}
+    assert store.committed_offsets("other-group", TOPIC) == {0: 99}
+    assert store.committed_offsets(GROUP, "other-topic") == {0: 42}
+    assert store.committed_offsets("nobody", TOPIC) == {}
+
+
+def test_an_empty_write_is_valid(store: Store) -> None:
+    outcome = store.write_rated(ledger(), partials(), [], RATED_AT)
+    assert outcome == WriteOutcome(new_batches=0, duplicate_batches=0, hourly_rows=0)
+    assert store.ledger_count() == 0
+    assert store.usage_hourly(*EVER).is_empty()
+
+
+def test_a_batch_without_partials_is_still_counted(store: Store) -> None:
+    # Every sample of the batch was rejected downstream: the batch is still consumed.
+    outcome = store.write_rated(ledger(("agent-1", 1)), partials(), [], RATED_AT)
+    assert outcome == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=0)
+    assert store.ledger_count() == 1
+
+
+# -- write_rated: atomicity and bad input --------------------------------------------------
+
+
+def _snapshot(store: Store) -> tuple[int, list[Any], dict[int, int]]:
+    return store.ledger_count(), hourly(store), store.committed_offsets(GROUP, TOPIC)
+
+
+def test_a_failure_inside_write_rated_changes_nothing(store: Store) -> None:
+    store.write_rated(
+        ledger(("agent-1", 1)),
+        partials(("agent-1", 1, "sub-1", "cpu", 0, MAX_QUANTITY, 1, 1)),
+        [ConsumedOffset(GROUP, TOPIC, 0, 1)],
+        RATED_AT,
+    )
+    before = _snapshot(store)
+
+    # The database itself refuses the write after the ledger rows went in: the hour row
+    # of sub-1 would exceed numeric(38,0). Everything of the call must roll back.
+    with pytest.raises(Exception, match=r"(?i)overflow"):
+        store.write_rated(
+            ledger(("agent-2", 1), ("agent-1", 2)),
+            partials(
+                ("agent-2", 1, "sub-2", "cpu", 0, 5, 5, 1),
+                ("agent-1", 2, "sub-1", "cpu", 0, 1, 1, 1),
+            ),
+            [ConsumedOffset(GROUP, TOPIC, 0, 3)],
+            RATED_AT,
+        )
+    assert _snapshot(store) == before
+
+    # The store is still usable, and the batches that failed were not recorded as seen.
+    outcome = store.write_rated(
+        ledger(("agent-2", 1)),
+        partials(("agent-2", 1, "sub-2", "cpu", 0, 5, 5, 1)),
+        [ConsumedOffset(GROUP, TOPIC, 0, 3)],
+        RATED_AT,
+    )
+    assert outcome == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=1)
+
+
+def _null_subscription() -> pl.DataFrame:
+    return partials(("agent-1", 1, "sub-1", "cpu", 0, 1, 1, 1)).with_columns(
+        subscription_id=pl.lit(None, pl.String())
+    )
+
+
+BAD_WRITES: dict[str, tuple[pl.DataFrame, pl.DataFrame, str]] = {
+    "null in partials": (
+        ledger(("agent-1", 1)),
+        _null_subscription(),
+        r"partials frame .*'subscription_id' has 1 null",
+    ),
+    "float quantity": (
+        ledger(("agent-1", 1)),
+        partials(("agent-1", 1, "sub-1", "cpu", 0, 1, 1, 1)).with_columns(
+            pl.col("quantity").cast(pl.Float64)
+        ),
+        r"partials frame .*'quantity' is Float64, expected Decimal",
+    ),
+    "missing column": (
+        ledger(("agent-1", 1)).drop("received_at"),
+        partials(),
+        r"ledger frame .*missing columns \['received_at'\]",
+    ),
+    "partials of an unknown batch": (
+        ledger(("agent-1", 1)),
+        partials(("agent-9", 4, "sub-1", "cpu", 0, 1, 1, 1)),
+        r"batches missing from the ledger frame .*'agent-9', 4",
+    ),
+    "two different rows for one hour of a batch": (
+        ledger(("agent-1", 1)),
+        partials(
+            ("agent-1", 1, "sub-1", "cpu", 0, 1, 1, 1),
+            ("agent-1", 1, "sub-1", "cpu", 0, 2, 2, 1),
+        ),
+        r"different rows for the same",
+    ),
+    "hour_start off the hour": (
+        ledger(("agent-1", 1)),
+        partials(("agent-1", 1, "sub-1", "cpu", 0, 1, 1, 1)).with_columns(
+            pl.col("hour_start") + pl.duration(minutes=30)
+        ),
+        r"not on a whole UTC hour",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WRITES))
+def test_bad_frames_are_refused_and_write_nothing(store: Store, case: str) -> None:
+    before = _snapshot(store)
+    ledger_frame, partials_frame, message = BAD_WRITES[case]
+    with pytest.raises(ValueError, match=message):
+        store.write_rated(
+            ledger_frame, partials_frame, [ConsumedOffset(GROUP, TOPIC, 0, 9)], RATED_AT
+        )
+    assert _snapshot(store) == before
+
+
+def test_naive_times_are_refused(store: Store) -> None:
+    naive = datetime(2026, 10, 1)  # noqa: DTZ001 - the point of the test
+    with pytest.raises(ValueError, match="rated_at must be a timezone-aware"):
+        store.write_rated(ledger(), partials(), [], naive)
+    with pytest.raises(ValueError, match="start must be a timezone-aware"):
+        store.usage_hourly(naive, EVER[1])
+    with pytest.raises(ValueError, match="applied_at must be a timezone-aware"):
+        store.save_catalog("{}", "d", "s", naive)
+
+
+# -- usage queries ------------------------------------------------------------------------
+
+# Mixed case and punctuation: both adapters must sort bytewise, as Python does.
+SUBSCRIPTIONS = ["sub-b", "Sub-a", "sub_a", "sub-a"]
+
+
+@pytest.fixture
+def four_hours(store: Store) -> Store:
+    """Each subscription uses cpu in hours 0..3 (quantity 10*h + 1, max h) and ram in hour 2."""
+    parts: list[Part] = []
+    keys: list[tuple[str, int]] = []
+    for i, sub in enumerate(SUBSCRIPTIONS):
+        agent = f"agent-{i}"
+        keys.append((agent, 1))
+        parts.extend((agent, 1, sub, "cpu", h, 10 * h + 1, h, 1) for h in range(4))
+        parts.append((agent, 1, sub, "ram", 2, 1000, 600, 2))
+    store.write_rated(ledger(*keys), partials(*parts), [], RATED_AT)
+    return store
+
+
+def test_usage_hourly_range_is_half_open_and_sorted(four_hours: Store) -> None:
+    frame = four_hours.usage_hourly(hour(1), hour(3))
+    assert frame.schema == pl.Schema(HOURLY_SCHEMA)
+    keys = frame.select("subscription_id", "meter", "hour_start").rows()
+    expected = sorted(
+        [(sub, "cpu", hour(h)) for sub in SUBSCRIPTIONS for h in (1, 2)]
+        + [(sub, "ram", hour(2)) for sub in SUBSCRIPTIONS]
+    )
+    assert keys == expected
+    assert frame.filter(pl.col("meter") == "cpu")["quantity"].to_list() == [
+        Decimal(11),
+        Decimal(21),
+    ] * len(SUBSCRIPTIONS)
+
+
+def test_usage_hourly_filters_by_subscription(four_hours: Store) -> None:
+    frame = four_hours.usage_hourly(hour(0), hour(1), ["sub_a", "Sub-a", "nobody"])
+    assert frame.select("subscription_id", "meter", "hour_start").rows() == [
+        ("Sub-a", "cpu", hour(0)),
+        ("sub_a", "cpu", hour(0)),
+    ]
+    empty = four_hours.usage_hourly(hour(0), hour(4), [])
+    assert empty.is_empty()
+    assert empty.schema == pl.Schema(HOURLY_SCHEMA)
+
+
+def test_usage_totals_sum_and_max_over_the_range(four_hours: Store) -> None:
+    totals = four_hours.usage_totals(hour(1), hour(4))
+    assert totals == [
+        UsageTotal(sub, meter, quantity, peak, samples)
+        for sub in sorted(SUBSCRIPTIONS)
+        for meter, quantity, peak, samples in (("cpu", 11 + 21 + 31, 3, 3), ("ram", 1000, 600, 2))
+    ]
+    assert four_hours.usage_totals(hour(0), hour(2), ["sub-b"]) == [
+        UsageTotal("sub-b", "cpu", 1 + 11, 1, 2)
+    ]
+    assert four_hours.usage_totals(hour(4), hour(8)) == []
+
+
+def test_usage_ranges_accept_any_utc_offset(four_hours: Store) -> None:
+    berlin_summer = timezone(timedelta(hours=2))
+    start = hour(1).astimezone(berlin_summer)
+    end = hour(2).astimezone(berlin_summer)
+    frame = four_hours.usage_hourly(start, end, ["sub-b"])
+    assert frame.select("meter", "hour_start").rows() == [("cpu", hour(1))]
+
+
+# -- invoices -----------------------------------------------------------------------------
+
+
+def test_save_invoices_replaces_drafts_by_key(store: Store) -> None:
+    store.save_invoices([invoice("acc-1/2026-10-01", doc="v1"), invoice("acc-2/2026-10-01")])
+    store.save_invoices([invoice("acc-1/2026-10-01", total=250, doc="v2")])
+    loaded = store.load_invoices()
+    assert [(i.key, i.total_minor, i.document) for i in loaded] == [
+        ("acc-1/2026-10-01", 250, "v2"),
+        ("acc-2/2026-10-01", 100, "{}"),
+    ]
+    assert loaded[0] == invoice("acc-1/2026-10-01", total=250, doc="v2")
+    assert loaded[0].period_start.tzinfo is UTC
+
+
+def test_a_draft_can_be_issued_but_an_issued_invoice_never_changes(store: Store) -> None:
+    store.save_invoices([invoice("acc-1/2026-10-01"), invoice("acc-2/2026-10-01")])
+    store.save_invoices([invoice("acc-1/2026-10-01", status="issued", total=120)])
+    before = store.load_invoices()
+
+    with pytest.raises(IssuedInvoiceError, match="acc-1/2026-10-01"):
+        store.save_invoices(
+            [
+                invoice("acc-2/2026-10-01", total=999),  # a draft: would be replaced...
+                invoice("acc-1/2026-10-01", total=1),  # ...but this one is issued
+                invoice("acc-3/2026-10-01"),
+            ]
+        )
+    assert store.load_invoices() == before  # nothing of the call was written
+    with pytest.raises(IssuedInvoiceError):
+        store.save_invoices([invoice("acc-1/2026-10-01", status="issued", total=120)])
+
+
+def test_load_invoices_filters_by_period_start(store: Store) -> None:
+    store.save_invoices(
+        [
+            invoice("acc-2/2026-11-01"),
+            invoice("acc-1/2026-10-01"),
+            invoice("acc-2/2026-10-01"),
+        ]
+    )
+    october = datetime(2026, 10, 1, tzinfo=UTC)
+    assert [i.key for i in store.load_invoices(october)] == [
+        "acc-1/2026-10-01",
+        "acc-2/2026-10-01",
+    ]
+    same_instant = october.astimezone(timezone(timedelta(hours=-5)))
+    assert [i.key for i in store.load_invoices(same_instant)] == [
+        "acc-1/2026-10-01",
+        "acc-2/2026-10-01",
+    ]
+    assert store.load_invoices(datetime(2026, 12, 1, tzinfo=UTC)) == []
+    assert len(store.load_invoices()) == 3
+
+
+def test_invoice_times_keep_their_instant(store: Store) -> None:
+    berlin = timezone(timedelta(hours=2))
+    start = datetime(2026, 10, 1, 0, 0, tzinfo=berlin)  # 2026-09-30T22:00Z
+    end = datetime(2026, 11, 1, 0, 0, tzinfo=timezone(timedelta(hours=1)))
+    draft = StoredInvoice("acc-1/2026-10-01", "acc-1", start, end, "EUR", "draft", 5, "{}")
+    store.save_invoices([draft])
+    (loaded,) = store.load_invoices()
+    assert loaded.period_start == datetime(2026, 9, 30, 22, 0, tzinfo=UTC)
+    assert loaded.period_end == datetime(2026, 10, 31, 23, 0, tzinfo=UTC)
+    assert loaded.period_start.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([invoice("a/2026-10-01"), invoice("a/2026-10-01")], "appears twice"),
+        ([invoice("a/2026-10-01", status="paid")], "status 'paid' is not one of"),
+    ],
+)
+def test_bad_invoices_are_refused(store: Store, bad: list[StoredInvoice], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.save_invoices(bad)
+    assert store.load_invoices() == []
+
+
+# -- PostgreSQL: two writers of the same batch at once --------------------------------------
+
+
+def _wait_until_blocked(
+    admin: psycopg.Connection[Any], writer: Future[Any], deadline_s: float = 30.0
+) -> None:
+    """Wait (bounded) until some session of this database waits for a row lock, or until
+    the writer finished anyway (its result then tells what went wrong)."""
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up and not writer.done():
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+        if row is not None and row[0] > 0:
+            return
+        time.sleep(0.01)
+    if not writer.done():
+        raise AssertionError(f"no session blocked on the ledger row within {deadline_s} s")
+
+
+@pytest.mark.parametrize("other_writer", ["commits", "rolls back"])
+def test_pg_concurrent_writers_of_one_batch_count_it_once(
+    pg_store: PgStore, pg_url: str, other_writer: str
+) -> None:
+    with (
+        psycopg.connect(pg_url) as other,  # another worker, mid-transaction
+        psycopg.connect(pg_url, autocommit=True) as admin,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        other.execute(
+            "INSERT INTO batch_ledger VALUES ('agent-1', 1, %s, 0, 0, %s, 10, %s)",
+            (TOPIC, H0, RATED_AT),
+        )
+        other.execute(
+            "INSERT INTO usage_hourly VALUES ('sub-1', 'cpu', %s, 100, 7, 3, %s)",
+            (hour(0), RATED_AT),
+        )
+        pending = pool.submit(
+            pg_store.write_rated,
+            ledger(("agent-1", 1)),
+            partials(("agent-1", 1, "sub-1", "cpu", 0, 100, 7, 3)),
+            [ConsumedOffset(GROUP, TOPIC, 0, 1)],
+            RATED_AT,
+        )
+        _wait_until_blocked(admin, pending)
+        if other_writer == "commits":
+            other.commit()
+        else:
+            other.rollback()
+        result = pending.result(timeout=60)
+
+    if other_writer == "commits":
+        assert result == WriteOutcome(new_batches=0, duplicate_batches=1, hourly_rows=0)
+    else:
+        assert result == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=1)
+    assert pg_store.ledger_count() == 1
+    assert hourly(pg_store) == [("sub-1", "cpu", hour(0), 100, 7, 3)]
