@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 # ISO 4217 minor-unit exponents of the currencies the catalog accepts.
 CURRENCY_EXPONENTS: dict[str, int] = {
@@ -28,8 +28,11 @@ def exponent(currency: str) -> int:
 
 def round_minor(amount: Decimal, currency: str) -> int:
     """Round a precise amount once, half away from zero, to integer minor units."""
-    scaled = amount.scaleb(exponent(currency))
-    return int(scaled.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    with localcontext() as ctx:
+        # Enough digits that quantize never rounds a second time (NUMERIC(38,12) fits).
+        ctx.prec = 60
+        scaled = amount.scaleb(exponent(currency))
+        return int(scaled.quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
 def format_minor(amount_minor: int, currency: str) -> str:

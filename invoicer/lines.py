@@ -1,0 +1,305 @@
+"""The charges of one subscription in one period, each as an exactly computed, once-rounded line.
+
+Scalar code on purpose: a handful of lines per subscription, each in exact ``Fraction``s until
+``invoicer.exact`` renders it (BILLING-SEMANTICS §3-§5, §10 "Rounding").
+
+- recurring: fee x active seconds / period seconds (R1);
+- hourly, per resource: ceil(active seconds / 3600) started hours x rate, then the plan's cap
+  for the currency, if any (H1, H2);
+- usage, per meter priced by the plan: the period quantity in display units, minus the
+  included allowance prorated like the fee, times the unit price (never below zero).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+
+from aggregation.ports import UsageTotal
+from invoicer.exact import decimal_text, fraction, minor_units, money_text, truncate
+from invoicer.invoice import InvoiceLine, LineKind, line_key
+from invoicer.periods import Period, to_utc
+from rating.catalog import (
+    Account,
+    HourlyCharge,
+    Meter,
+    MeterKind,
+    Plan,
+    RecurringCharge,
+    Resource,
+    Span,
+    Subscription,
+    UsageCharge,
+)
+
+US_PER_HOUR = 3_600 * 1_000_000
+_ONE_US = timedelta(microseconds=1)
+
+
+class ChargeConfigurationError(ValueError):
+    """The catalog cannot price a charge (e.g. no price in the account's currency).
+
+    BILLING-SEMANTICS §1: a missing price is a configuration error, never a silent zero.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionPeriod:
+    """One subscription of an account seen through one billing period."""
+
+    account: Account
+    subscription: Subscription
+    plan: Plan
+    period: Period
+
+    @property
+    def currency(self) -> str:
+        return self.account.currency
+
+    @property
+    def active_range(self) -> tuple[datetime, datetime] | None:
+        """The subscription's [start, end) clipped to the period, or None (no overlap)."""
+        return self.period.clip(self.subscription.start, self.subscription.end)
+
+    @property
+    def active_us(self) -> int:
+        return self.period.overlap_us(self.subscription.start, self.subscription.end)
+
+    @property
+    def active_fraction(self) -> Fraction:
+        """Active share of the period: prorates the fee and the allowance alike."""
+        return Fraction(self.active_us, self.period.microseconds)
+
+    @property
+    def service_period(self) -> tuple[datetime, datetime]:
+        """The lines' service period: the active range, or the whole period for usage of a
+        subscription that was not active in it (late usage stays visible, never lost)."""
+        return self.active_range or (self.period.start, self.period.end)
+
+    def key(self, charge: str, detail: str | None = None) -> str:
+        return line_key(self.account.id, self.period, self.subscription.id, charge, detail)
+
+    def price(self, prices: Mapping[str, Decimal], what: str) -> Fraction:
+        """The charge's price in the account's currency, or a configuration error."""
+        try:
+            value = prices[self.currency]
+        except KeyError:
+            raise ChargeConfigurationError(
+                f"plan {self.plan.id!r}: {what} has no {self.currency} price "
+                f"(account {self.account.id!r}, subscription {self.subscription.id!r}); "
+                f"priced in {', '.join(sorted(prices)) or 'no currency'}"
+            ) from None
+        return fraction(value)
+
+
+# -- pure arithmetic --------------------------------------------------------------------------
+
+
+def prorate(amount: Fraction, active_us: int, period_us: int) -> Fraction:
+    """``amount x active / period``, exact (R1: 12.00 x 505 h / 745 h)."""
+    if period_us <= 0:
+        raise ValueError("a period lasts longer than zero")
+    if not 0 <= active_us <= period_us:
+        raise ValueError(f"active time {active_us} us is outside 0..{period_us} us")
+    return amount * Fraction(active_us, period_us)
+
+
+def billable_hours(active_us: int) -> int:
+    """Started hours: ceil(active time / 1 h) (H1: 165,000 s -> 46)."""
+    if active_us < 0:
+        raise ValueError(f"active time {active_us} us is negative")
+    return -(-active_us // US_PER_HOUR)
+
+
+def capped(amount: Fraction, cap: Fraction | None) -> Fraction:
+    return amount if cap is None else min(amount, cap)
+
+
+def merged_active_us(
+    spans: Iterable[Span], window_start: datetime, window_end: datetime, where: str
+) -> int:
+    """Microseconds covered by the union of ``spans`` inside [window_start, window_end).
+
+    Overlapping spans count once: a resource is never billed twice for the same instant.
+    """
+    clipped: list[tuple[datetime, datetime]] = []
+    for span in spans:
+        start = to_utc(f"{where} span start", span.start)
+        end = None if span.end is None else to_utc(f"{where} span end", span.end)
+        if end is not None and end < start:
+            raise ChargeConfigurationError(
+                f"{where}: span [{start.isoformat()}, {end.isoformat()}) ends before it starts"
+            )
+        lo = max(start, window_start)
+        hi = window_end if end is None else min(end, window_end)
+        if lo < hi:
+            clipped.append((lo, hi))
+    total_us = 0
+    covered_until: datetime | None = None
+    for lo, hi in sorted(clipped):
+        start = lo if covered_until is None else max(lo, covered_until)
+        if start < hi:
+            total_us += (hi - start) // _ONE_US
+            covered_until = hi
+    return total_us
+
+
+def display_quantity(meter: Meter, total: UsageTotal, period: Period) -> Fraction:
+    """The period quantity in the meter's display unit, exact.
+
+    counter: sum / base_per_display (bytes -> GB); gauge: base-unit-seconds /
+    (base_per_display x period seconds) (byte-seconds -> GiB-month); peak: max level /
+    base_per_display.
+    """
+    if meter.kind is MeterKind.COUNTER:
+        return Fraction(total.quantity, meter.base_per_display)
+    if meter.kind is MeterKind.GAUGE:
+        return Fraction(total.quantity, meter.base_per_display * period.seconds)
+    if meter.kind is MeterKind.PEAK:
+        return Fraction(total.quantity_max, meter.base_per_display)
+    raise ChargeConfigurationError(f"meter {meter.name!r}: unknown kind {meter.kind!r}")
+
+
+def billable_quantity(used: Fraction, included: Fraction) -> Fraction:
+    """Usage beyond the allowance, never below zero."""
+    return max(Fraction(0), used - included)
+
+
+# -- lines ------------------------------------------------------------------------------------
+
+
+def _line(
+    sp: SubscriptionPeriod,
+    *,
+    key: str,
+    kind: LineKind,
+    description: str,
+    quantity: Fraction,
+    unit: str,
+    unit_price: Fraction,
+    amount: Fraction,
+    meter: str | None = None,
+    resource_id: str | None = None,
+    usage_quantity: Fraction | None = None,
+    included_quantity: Fraction | None = None,
+    cap: Fraction | None = None,
+) -> InvoiceLine:
+    precise = truncate(amount)
+    start, end = sp.service_period
+    return InvoiceLine(
+        key=key,
+        kind=kind,
+        description=description,
+        service_start=start,
+        service_end=end,
+        quantity=truncate(quantity),
+        unit=unit,
+        unit_price=truncate(unit_price),
+        amount_precise=precise,
+        amount_minor=minor_units(precise, sp.currency, f"line {key}"),
+        currency=sp.currency,
+        subscription_id=sp.subscription.id,
+        plan_id=sp.plan.id,
+        meter=meter,
+        resource_id=resource_id,
+        usage_quantity=None if usage_quantity is None else truncate(usage_quantity),
+        included_quantity=None if included_quantity is None else truncate(included_quantity),
+        cap=None if cap is None else truncate(cap),
+    )
+
+
+def _hours_text(us: int) -> str:
+    hours = Fraction(us, US_PER_HOUR)
+    return f"{decimal_text(truncate(hours, 4))} h"
+
+
+def recurring_line(sp: SubscriptionPeriod, charge: RecurringCharge) -> InvoiceLine | None:
+    """The period's fee, prorated by active seconds; None when not active in the period."""
+    active_us = sp.active_us
+    if active_us == 0:
+        return None
+    fee = sp.price(charge.fees, "recurring fee")
+    period_us = sp.period.microseconds
+    share = Fraction(active_us, period_us)
+    description = f"{sp.plan.name}: recurring fee"
+    if share != 1:
+        description += f", prorated {_hours_text(active_us)} of {_hours_text(period_us)}"
+    return _line(
+        sp,
+        key=sp.key("recurring"),
+        kind=LineKind.RECURRING,
+        description=description,
+        quantity=share,
+        unit="month",
+        unit_price=fee,
+        amount=prorate(fee, active_us, period_us),
+    )
+
+
+def hourly_lines(
+    sp: SubscriptionPeriod, charge: HourlyCharge, resources: Sequence[Resource]
+) -> list[InvoiceLine]:
+    """One line per resource with started hours in the subscription's active range."""
+    window = sp.active_range
+    if window is None:
+        return []
+    rate = sp.price(charge.rates, "hourly rate")
+    cap = fraction(charge.caps[sp.currency]) if sp.currency in charge.caps else None
+    lines: list[InvoiceLine] = []
+    for resource in sorted(resources, key=lambda r: r.id):
+        active_us = merged_active_us(resource.spans, *window, where=f"resource {resource.id!r}")
+        hours = billable_hours(active_us)
+        if hours == 0:
+            continue
+        uncapped = rate * hours
+        amount = capped(uncapped, cap)
+        limited = cap is not None and amount < uncapped
+        description = f"{sp.plan.name}: {resource.kind} {resource.id}, {hours} started hours"
+        if limited:
+            description += f", capped at {money_text(truncate(amount), sp.currency)}"
+        lines.append(
+            _line(
+                sp,
+                key=sp.key("hourly", resource.id),
+                kind=LineKind.HOURLY,
+                description=description,
+                quantity=Fraction(hours),
+                unit="hour",
+                unit_price=rate,
+                amount=amount,
+                resource_id=resource.id,
+                cap=cap if limited else None,
+            )
+        )
+    return lines
+
+
+def usage_line(
+    sp: SubscriptionPeriod, charge: UsageCharge, meter: Meter, total: UsageTotal
+) -> InvoiceLine:
+    """Per-unit usage beyond the prorated allowance; a zero line when all of it is included
+    (finance sees included usage)."""
+    unit_price = sp.price(charge.unit_prices, f"usage of {charge.meter}")
+    used = display_quantity(meter, total, sp.period)
+    included = fraction(charge.included) * sp.active_fraction
+    billable = billable_quantity(used, included)
+    unit = meter.display_unit
+    description = f"{sp.plan.name}: {meter.name}, {decimal_text(truncate(used, 6))} {unit} used"
+    if included:
+        description += f", {decimal_text(truncate(included, 6))} {unit} included"
+    return _line(
+        sp,
+        key=sp.key("usage", meter.name),
+        kind=LineKind.USAGE,
+        description=description,
+        quantity=billable,
+        unit=unit,
+        unit_price=unit_price,
+        amount=billable * unit_price,
+        meter=meter.name,
+        usage_quantity=used,
+        included_quantity=included,
+    )
