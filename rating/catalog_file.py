@@ -1,0 +1,722 @@
+"""The catalog file: YAML onto ``rating.catalog`` types, validated, every problem reported.
+
+The file is read with PyYAML's ``BaseLoader`` so that every scalar stays a string: a price
+is never a float, an id like ``0123`` keeps its zeros, ``no`` is not ``False``. This module
+converts strings to ``Decimal``, ``int``, ``timedelta`` and UTC ``datetime`` itself and
+collects every problem it finds (it never stops at the first one); :class:`CatalogError`
+lists them as ``file: path.inside[0].the.file: what is wrong``.
+
+The format (every key not listed is an error; money is quoted)::
+
+    meters:
+      - {name: net.egress.bytes, kind: counter, base_unit: byte, display_unit: GB,
+         base_per_display: "1000000000", max_lateness: 35d, grace: 2h}
+    plans:
+      - id: vps-s
+        name: VPS S
+        recurring: {fee: {EUR: "12.00"}}
+        hourly: {rate: {EUR: "0.0070"}, cap: {EUR: "4.15"}}
+        usage:
+          - {meter: net.egress.bytes, included: "1000", unit_price: {EUR: "0.0100"}}
+    accounts:
+      - {id: acme, name: ACME GmbH, currency: EUR, timezone: Europe/Berlin}
+    subscriptions:
+      - {id: acme-vps-1, account: acme, plan: vps-s, start: "2026-10-11T00:00:00+02:00"}
+    resources:
+      - id: srv-1
+        subscription: acme-vps-1
+        kind: server
+        spans:
+          - {start: "2026-10-03T10:20:00Z", end: "2026-10-05T08:10:00Z"}
+
+Durations are ``<n>d``, ``<n>h``, ``<n>m``, ``<n>s`` or a combination in that order
+(``1h30m``). Instants are ISO 8601 with an explicit offset or ``Z`` (a naive instant is an
+error) and are converted to UTC. An absent, empty or ``null`` ``end`` means open-ended.
+
+The stored form of a catalog is :func:`catalog_document`: canonical JSON of the validated
+raw mapping (all strings), which :func:`catalog_from_document` parses back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from rating.catalog import (
+    DEFAULT_GRACE,
+    DEFAULT_MAX_LATENESS,
+    Account,
+    Catalog,
+    HourlyCharge,
+    Meter,
+    MeterKind,
+    Plan,
+    RecurringCharge,
+    Resource,
+    Span,
+    Subscription,
+    UsageCharge,
+)
+from rating.money import UnknownCurrencyError, exponent
+
+# The most decimal places a price, fee, cap or allowance may have: precise amounts persist
+# as NUMERIC(38, 12).
+MAX_DECIMAL_PLACES = 12
+
+_ROOT = "(top level)"
+_NULLS = frozenset({"", "~", "null", "Null", "NULL"})
+_DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_ID = re.compile(r"[^\s\x00-\x1f\x7f]+")
+
+_SECTIONS = ("meters", "plans", "accounts", "subscriptions", "resources")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogProblem:
+    source: str  # the file (or stored version) the catalog came from
+    path: str  # where inside it, e.g. "plans[0].hourly.rate.EUR"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.path}: {self.message}"
+
+
+class CatalogError(Exception):
+    """The catalog is invalid; ``problems`` lists every problem found, in file order."""
+
+    def __init__(self, problems: Iterable[CatalogProblem]) -> None:
+        self.problems: list[CatalogProblem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogFile:
+    """A validated catalog file, ready to be stored: the catalog, its canonical document
+    and the sha256 of that document."""
+
+    catalog: Catalog
+    document: str
+    digest: str
+    source: str
+
+
+# -- public API ------------------------------------------------------------------------------
+
+
+def load_catalog_file(path: Path) -> Catalog:
+    """Read, parse and validate a catalog file; raise CatalogError listing every problem."""
+    return read_catalog_file(path).catalog
+
+
+def read_catalog_file(path: Path) -> CatalogFile:
+    """Like load_catalog_file, also returning the canonical document and its digest."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError([CatalogProblem(source, "(file)", f"cannot read: {exc}")]) from exc
+    data = parse_catalog_yaml(text, source)
+    catalog = parse_catalog(data, source)
+    document = _dump(data)
+    return CatalogFile(catalog, document, catalog_digest(document), source)
+
+
+def parse_catalog_yaml(text: str, source: str) -> object:
+    """YAML text -> the raw mapping (every scalar a string). Syntax errors and duplicate
+    keys become a CatalogError naming the line and column."""
+    loader = _StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        raise CatalogError([_yaml_problem(source, exc)]) from exc
+    except yaml.YAMLError as exc:
+        raise CatalogError([CatalogProblem(source, "(file)", f"YAML: {exc}")]) from exc
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise CatalogError(
+            CatalogProblem(
+                source, f"line {m.line + 1}, column {m.column + 1}", f"duplicate key {k!r}"
+            )
+            for k, m in loader.duplicates
+        )
+    return data
+
+
+def parse_catalog(data: object, source: str) -> Catalog:
+    """Validate the raw mapping (as read from YAML or JSON) and build the Catalog."""
+    return _Parser(source).catalog(data)
+
+
+def catalog_document(data: object) -> str:
+    """Canonical JSON of the raw mapping, after validating it (raises CatalogError)."""
+    parse_catalog(data, "(document)")
+    return _dump(data)
+
+
+def catalog_from_document(doc: str, source: str) -> Catalog:
+    """Parse a stored catalog document (catalog_document's output) back into a Catalog."""
+    try:
+        data = json.loads(doc)
+    except json.JSONDecodeError as exc:
+        raise CatalogError([CatalogProblem(source, "(document)", f"not JSON: {exc}")]) from exc
+    return parse_catalog(data, source)
+
+
+def catalog_digest(document: str) -> str:
+    """sha256 (hex) of a catalog document."""
+    return hashlib.sha256(document.encode("utf-8")).hexdigest()
+
+
+# -- YAML ------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.BaseLoader):
+    """BaseLoader (all scalars are strings) that also records duplicate mapping keys,
+    which plain PyYAML silently resolves to the last value."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, yaml.Mark]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+                if key in seen:
+                    self.duplicates.append((key, key_node.start_mark))
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(source: str, exc: yaml.MarkedYAMLError) -> CatalogProblem:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+    parts = [p for p in (exc.context, exc.problem) if p]
+    return CatalogProblem(source, where, "YAML syntax: " + "; ".join(parts))
+
+
+def _dump(data: object) -> str:
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == _ROOT else f"{path}.{key}"
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_null(value: object) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() in _NULLS)
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[CatalogProblem] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(CatalogProblem(self.source, path, message))
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    def mapping(
+        self, value: object, path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+    ) -> Mapping[str, object] | None:
+        if not isinstance(value, dict):
+            self.problem(path, f"expected a mapping, got {_describe(value)}")
+            return None
+        allowed = (*required, *optional)
+        for key in value:
+            if not isinstance(key, str):
+                self.problem(path, f"keys must be strings, got {_describe(key)}")
+            elif key not in allowed:
+                self.problem(
+                    _join(path, key),
+                    f"unknown key (expected one of: {', '.join(allowed)})" + _suggest(key, allowed),
+                )
+        for key in required:
+            if key not in value:
+                self.problem(path, f"missing required key {key!r}")
+        return value
+
+    def items(self, value: object, path: str) -> list[object]:
+        if _is_null(value):
+            return []
+        if not isinstance(value, list):
+            self.problem(path, f"expected a list, got {_describe(value)}")
+            return []
+        return value
+
+    def string(self, value: object, path: str) -> str | None:
+        if not isinstance(value, str):
+            self.problem(path, f"expected a string, got {_describe(value)}")
+            return None
+        if not value.strip():
+            self.problem(path, "must not be empty")
+            return None
+        if value != value.strip():
+            self.problem(path, f"leading or trailing whitespace in {value!r}")
+            return None
+        return value
+
+    def ident(self, value: object, path: str) -> str | None:
+        text = self.string(value, path)
+        if text is not None and not _ID.fullmatch(text):
+            self.problem(path, f"an id may not contain spaces or control characters: {text!r}")
+            return None
+        return text
+
+    def decimal(self, value: object, path: str, what: str = "price") -> Decimal | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        if not _DECIMAL.fullmatch(text):
+            self.problem(path, f"not a decimal number: {text!r}")
+            return None
+        number = Decimal(text)
+        if number < 0:
+            self.problem(path, f"negative {what}: {text!r}")
+            return None
+        places = -number.as_tuple().exponent  # type: ignore[operator]
+        if places > MAX_DECIMAL_PLACES:
+            self.problem(path, f"more than {MAX_DECIMAL_PLACES} decimal places: {text!r}")
+            return None
+        return number
+
+    def positive_int(self, value: object, path: str) -> int | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        if not _INTEGER.fullmatch(text) or int(text) <= 0:
+            self.problem(path, f"not a positive integer: {text!r}")
+            return None
+        return int(text)
+
+    def duration(self, value: object, path: str, default: timedelta) -> timedelta:
+        if _is_null(value):
+            return default
+        text = self.string(value, path)
+        if text is None:
+            return default
+        match = _DURATION.fullmatch(text)
+        if not match or not any(match.groups()):
+            self.problem(path, f"not a duration (like 35d, 2h, 90m, 30s or 1h30m): {text!r}")
+            return default
+        d, h, m, s = (int(g) if g else 0 for g in match.groups())
+        return timedelta(days=d, hours=h, minutes=m, seconds=s)
+
+    def instant(self, value: object, path: str) -> datetime | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            self.problem(path, f"not an ISO 8601 instant (like 2026-10-11T00:00:00Z): {text!r}")
+            return None
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            self.problem(path, f"no UTC offset in {text!r} (add Z or an offset like +02:00)")
+            return None
+        return parsed.astimezone(UTC)
+
+    def optional_instant(self, value: object, path: str) -> datetime | None:
+        return None if _is_null(value) else self.instant(value, path)
+
+    def currency(self, value: object, path: str) -> str | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        try:
+            exponent(text)
+        except UnknownCurrencyError as exc:
+            self.problem(path, str(exc))
+            return None
+        return text
+
+    def money(self, value: object, path: str, what: str) -> dict[str, Decimal] | None:
+        if not isinstance(value, dict):
+            self.problem(path, f"expected a mapping of currency to {what}, got {_describe(value)}")
+            return None
+        if not value:
+            self.problem(path, f'no {what} given (add at least one currency, e.g. EUR: "1.00")')
+            return None
+        prices: dict[str, Decimal] = {}
+        ok = True
+        for key, amount in value.items():
+            sub = _join(path, str(key))
+            currency = self.currency(key, sub)
+            number = self.decimal(amount, sub, what)
+            if currency is None or number is None:
+                ok = False
+            else:
+                prices[currency] = number
+        return prices if ok else None
+
+    def unique(self, ids: list[tuple[str, str]], what: str) -> None:
+        first: dict[str, str] = {}
+        for path, ident in ids:
+            if ident in first:
+                self.problem(path, f"duplicate {what} {ident!r} (first at {first[ident]})")
+            else:
+                first[ident] = path
+
+    def reference(
+        self, value: str | None, path: str, known: Mapping[str, object], what: str
+    ) -> bool:
+        if value is None:
+            return False
+        if value not in known:
+            self.problem(path, f"unknown {what} {value!r}" + _suggest(value, known))
+            return False
+        return True
+
+    # -- sections ----------------------------------------------------------------------------
+
+    def catalog(self, data: object) -> Catalog:
+        root = self.mapping(data, _ROOT, (), _SECTIONS)
+        sections: dict[str, list[object]] = {
+            name: self.items(root.get(name) if root else None, name) for name in _SECTIONS
+        }
+        meters = self.section(sections["meters"], "meters", "name", self.meter)
+        plans = self.section(sections["plans"], "plans", "id", lambda v, p: self.plan(v, p, meters))
+        accounts = self.section(sections["accounts"], "accounts", "id", self.account)
+        subscriptions = self.section(
+            sections["subscriptions"],
+            "subscriptions",
+            "id",
+            lambda v, p: self.subscription(v, p, plans, accounts),
+        )
+        resources = self.section(
+            sections["resources"],
+            "resources",
+            "id",
+            lambda v, p: self.resource(v, p, subscriptions),
+        )
+        if self.problems:
+            raise CatalogError(self.problems)
+        return Catalog(
+            meters={k: v for k, v in meters.items() if v is not None},
+            plans={k: v for k, v in plans.items() if v is not None},
+            accounts={k: v for k, v in accounts.items() if v is not None},
+            subscriptions={k: v for k, v in subscriptions.items() if v is not None},
+            resources={k: v for k, v in resources.items() if v is not None},
+        )
+
+    def section(
+        self,
+        entries: list[object],
+        name: str,
+        key: str,
+        build: Callable[[object, str], _T | None],
+    ) -> dict[str, _T | None]:
+        """Build each entry; the result maps each id to its object, or to None when the
+        entry is invalid (so that references to it are not reported as dangling too)."""
+        built: dict[str, _T | None] = {}
+        ids: list[tuple[str, str]] = []
+        for i, entry in enumerate(entries):
+            path = f"{name}[{i}]"
+            ident = entry.get(key) if isinstance(entry, dict) else None
+            obj = build(entry, path)
+            if isinstance(ident, str) and ident:
+                ids.append((path, ident))
+                if ident not in built or built[ident] is None:
+                    built[ident] = obj
+        self.unique(ids, f"{name[:-1]} {key}")
+        return built
+
+    def meter(self, value: object, path: str) -> Meter | None:
+        m = self.mapping(
+            value,
+            path,
+            ("name", "kind", "base_unit", "display_unit", "base_per_display"),
+            ("max_lateness", "grace"),
+        )
+        if m is None:
+            return None
+        name = self.ident(m.get("name"), _join(path, "name")) if "name" in m else None
+        kind: MeterKind | None = None
+        if "kind" in m:
+            text = self.string(m["kind"], _join(path, "kind"))
+            if text is not None:
+                try:
+                    kind = MeterKind(text)
+                except ValueError:
+                    choices = [k.value for k in MeterKind]
+                    self.problem(
+                        _join(path, "kind"),
+                        f"unknown meter kind {text!r} (expected one of: {', '.join(choices)})",
+                    )
+        base_unit = (
+            self.string(m["base_unit"], _join(path, "base_unit")) if "base_unit" in m else None
+        )
+        display_unit = (
+            self.string(m["display_unit"], _join(path, "display_unit"))
+            if "display_unit" in m
+            else None
+        )
+        factor = (
+            self.positive_int(m["base_per_display"], _join(path, "base_per_display"))
+            if "base_per_display" in m
+            else None
+        )
+        lateness = self.duration(
+            m.get("max_lateness"), _join(path, "max_lateness"), DEFAULT_MAX_LATENESS
+        )
+        grace = self.duration(m.get("grace"), _join(path, "grace"), DEFAULT_GRACE)
+        if (
+            name is None
+            or kind is None
+            or base_unit is None
+            or display_unit is None
+            or factor is None
+        ):
+            return None
+        return Meter(name, kind, base_unit, display_unit, factor, lateness, grace)
+
+    def plan(self, value: object, path: str, meters: Mapping[str, Meter | None]) -> Plan | None:
+        p = self.mapping(value, path, ("id", "name"), ("recurring", "hourly", "usage"))
+        if p is None:
+            return None
+        ident = self.ident(p["id"], _join(path, "id")) if "id" in p else None
+        name = self.string(p["name"], _join(path, "name")) if "name" in p else None
+        ok = ident is not None and name is not None
+
+        recurring: RecurringCharge | None = None
+        if not _is_null(p.get("recurring")):
+            rpath = _join(path, "recurring")
+            r = self.mapping(p["recurring"], rpath, ("fee",))
+            fees = self.money(r["fee"], _join(rpath, "fee"), "fee") if r and "fee" in r else None
+            ok = ok and fees is not None
+            recurring = RecurringCharge(fees) if fees is not None else None
+
+        hourly: HourlyCharge | None = None
+        if not _is_null(p.get("hourly")):
+            hpath = _join(path, "hourly")
+            h = self.mapping(p["hourly"], hpath, ("rate",), ("cap",))
+            rates = (
+                self.money(h["rate"], _join(hpath, "rate"), "rate") if h and "rate" in h else None
+            )
+            caps: dict[str, Decimal] | None = {}
+            if h is not None and not _is_null(h.get("cap")):
+                caps = self.money(h["cap"], _join(hpath, "cap"), "cap")
+                if caps is not None and rates is not None:
+                    for currency in sorted(set(caps) - set(rates)):
+                        self.problem(
+                            _join(_join(hpath, "cap"), currency),
+                            f"a cap in {currency} but no rate in {currency}",
+                        )
+                    for currency in sorted(set(rates) - set(caps)):
+                        self.problem(
+                            _join(hpath, "cap"),
+                            f"no cap in {currency} although the rate has one "
+                            "(give the cap in every currency of the rate, or no cap)",
+                        )
+            ok = ok and rates is not None and caps is not None
+            hourly = HourlyCharge(rates, caps) if rates is not None and caps is not None else None
+
+        usage: list[UsageCharge] = []
+        first_of_meter: dict[str, str] = {}
+        for i, entry in enumerate(self.items(p.get("usage"), _join(path, "usage"))):
+            upath = f"{_join(path, 'usage')}[{i}]"
+            u = self.mapping(entry, upath, ("meter", "unit_price"), ("included",))
+            if u is None:
+                ok = False
+                continue
+            meter = self.ident(u["meter"], _join(upath, "meter")) if "meter" in u else None
+            if meter is not None:
+                if meter in first_of_meter:
+                    self.problem(
+                        _join(upath, "meter"),
+                        f"meter {meter!r} is charged twice in this plan "
+                        f"(first at {first_of_meter[meter]})",
+                    )
+                    meter = None
+                else:
+                    first_of_meter[meter] = upath
+                    if not self.reference(meter, _join(upath, "meter"), meters, "meter"):
+                        meter = None
+            prices = (
+                self.money(u["unit_price"], _join(upath, "unit_price"), "unit price")
+                if "unit_price" in u
+                else None
+            )
+            included: Decimal | None = Decimal(0)
+            if not _is_null(u.get("included")):
+                included = self.decimal(u["included"], _join(upath, "included"), "allowance")
+            if meter is None or prices is None or included is None:
+                ok = False
+                continue
+            usage.append(UsageCharge(meter, prices, included))
+
+        if not ok or ident is None or name is None:
+            return None
+        return Plan(ident, name, recurring, hourly, tuple(usage))
+
+    def account(self, value: object, path: str) -> Account | None:
+        a = self.mapping(value, path, ("id", "name", "currency", "timezone"))
+        if a is None:
+            return None
+        ident = self.ident(a["id"], _join(path, "id")) if "id" in a else None
+        name = self.string(a["name"], _join(path, "name")) if "name" in a else None
+        currency = (
+            self.currency(a["currency"], _join(path, "currency")) if "currency" in a else None
+        )
+        timezone: str | None = None
+        if "timezone" in a:
+            timezone = self.string(a["timezone"], _join(path, "timezone"))
+            if timezone is not None and not _valid_timezone(timezone):
+                self.problem(
+                    _join(path, "timezone"),
+                    f"unknown IANA timezone {timezone!r} (like Europe/Berlin or UTC)",
+                )
+                timezone = None
+        if ident is None or name is None or currency is None or timezone is None:
+            return None
+        return Account(ident, name, currency, timezone)
+
+    def subscription(
+        self,
+        value: object,
+        path: str,
+        plans: Mapping[str, Plan | None],
+        accounts: Mapping[str, Account | None],
+    ) -> Subscription | None:
+        s = self.mapping(value, path, ("id", "account", "plan", "start"), ("end",))
+        if s is None:
+            return None
+        ident = self.ident(s["id"], _join(path, "id")) if "id" in s else None
+        account_id = self.ident(s["account"], _join(path, "account")) if "account" in s else None
+        plan_id = self.ident(s["plan"], _join(path, "plan")) if "plan" in s else None
+        account_ok = self.reference(account_id, _join(path, "account"), accounts, "account")
+        plan_ok = self.reference(plan_id, _join(path, "plan"), plans, "plan")
+        start = self.instant(s["start"], _join(path, "start")) if "start" in s else None
+        end = self.optional_instant(s.get("end"), _join(path, "end"))
+        ok = start is not None and (end is not None or _is_null(s.get("end")))
+        if start is not None and end is not None and start >= end:
+            self.problem(
+                _join(path, "end"),
+                f"end {end.isoformat()} is not after start {start.isoformat()}",
+            )
+            ok = False
+        if account_ok and plan_ok and account_id is not None and plan_id is not None:
+            account, plan = accounts[account_id], plans[plan_id]
+            if account is not None and plan is not None:
+                for charge in _unpriced_charges(plan, account.currency):
+                    self.problem(
+                        _join(path, "plan"),
+                        f"plan {plan.id!r} has no {account.currency} price for {charge} "
+                        f"(account {account.id!r} is billed in {account.currency})",
+                    )
+        if not (ok and account_ok and plan_ok) or ident is None or start is None:
+            return None
+        assert account_id is not None
+        assert plan_id is not None
+        return Subscription(ident, account_id, plan_id, start, end)
+
+    def resource(
+        self, value: object, path: str, subscriptions: Mapping[str, Subscription | None]
+    ) -> Resource | None:
+        r = self.mapping(value, path, ("id", "subscription", "kind"), ("spans",))
+        if r is None:
+            return None
+        ident = self.ident(r["id"], _join(path, "id")) if "id" in r else None
+        sub_id = (
+            self.ident(r["subscription"], _join(path, "subscription"))
+            if "subscription" in r
+            else None
+        )
+        sub_ok = self.reference(sub_id, _join(path, "subscription"), subscriptions, "subscription")
+        kind = self.string(r["kind"], _join(path, "kind")) if "kind" in r else None
+        spans: list[tuple[str, Span]] = []
+        ok = True
+        for i, entry in enumerate(self.items(r.get("spans"), _join(path, "spans"))):
+            spath = f"{_join(path, 'spans')}[{i}]"
+            sp = self.mapping(entry, spath, ("start",), ("end",))
+            if sp is None:
+                ok = False
+                continue
+            start = self.instant(sp["start"], _join(spath, "start")) if "start" in sp else None
+            end = self.optional_instant(sp.get("end"), _join(spath, "end"))
+            if start is None or (end is None and not _is_null(sp.get("end"))):
+                ok = False
+                continue
+            if end is not None and start >= end:
+                self.problem(
+                    _join(spath, "end"),
+                    f"end {end.isoformat()} is not after start {start.isoformat()}",
+                )
+                ok = False
+                continue
+            spans.append((spath, Span(start, end)))
+        ordered = sorted(spans, key=lambda ps: ps[1].start)
+        # The span reaching furthest so far: any later-starting span that begins before
+        # its end overlaps it.
+        reach: tuple[str, Span] | None = None
+        for cur_path, cur in ordered:
+            if reach is not None and (reach[1].end is None or cur.start < reach[1].end):
+                self.problem(
+                    cur_path, f"overlaps {reach[0]} (the spans of a resource are disjoint)"
+                )
+                ok = False
+            if reach is None or (
+                reach[1].end is not None and (cur.end is None or cur.end > reach[1].end)
+            ):
+                reach = (cur_path, cur)
+        if not ok or ident is None or sub_id is None or not sub_ok or kind is None:
+            return None
+        return Resource(ident, sub_id, kind, tuple(s for _, s in ordered))
+
+
+def _valid_timezone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _unpriced_charges(plan: Plan, currency: str) -> list[str]:
+    missing: list[str] = []
+    if plan.recurring is not None and currency not in plan.recurring.fees:
+        missing.append("recurring.fee")
+    if plan.hourly is not None and currency not in plan.hourly.rates:
+        missing.append("hourly.rate")
+    missing.extend(
+        f"usage of {u.meter!r} (unit_price)" for u in plan.usage if currency not in u.unit_prices
+    )
+    return missing

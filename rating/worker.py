@@ -1,0 +1,347 @@
+"""The rating worker: Kafka usage records -> rated hourly partials in the store, exactly once.
+
+One poll at a time (at most ``max_records_per_poll`` records):
+
+1. decode the records (``record_codec``) and rate their samples (``engine``);
+2. dead-letter what cannot be rated and wait until Kafka confirmed it (raise otherwise):
+   an undecodable record as it was, and the unresolved samples of a batch as a copy of
+   the batch holding only those samples;
+3. ``store.write_rated``: ledger rows, hourly partials and the next offset per partition,
+   in one transaction (bounded retries with backoff; after the last attempt it raises);
+4. only then commit the offsets to Kafka.
+
+A crash anywhere before 3 replays the poll; after 3, the dedup ledger makes the replay
+change nothing. On every partition assignment the consumer seeks to the offsets in the
+store, so the store, not Kafka, decides where rating resumes. A dead letter may be
+written twice by such a replay; it carries its batch's ``(agent_id, seq)`` for dedup.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import TypeVar
+
+import polars as pl
+
+from aggregation.ports import ConsumedOffset, Store, WriteOutcome
+from rating.catalog import Catalog
+from rating.engine import MAX_DURATION_S, CatalogFrames, rate
+from rating.kafka_source import DeadLetter, DeadLetterProducer, UsageConsumer
+from rating.record_codec import RawRecord, decode_records, parse_record, subset_record
+
+log = logging.getLogger(__name__)
+
+STAGE = "rating"
+# Longest meterline.error header, in characters; the rest is summarised.
+MAX_ERROR_HEADER_CHARS = 2000
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    bootstrap: str
+    topic: str = "usage.samples.v1"
+    group_id: str = "meterline-rating"
+    deadletter_topic: str = "usage.deadletter.v1"
+    max_records_per_poll: int = 500  # records (batches) per store transaction
+    poll_timeout_s: float = 0.5  # longest wait for records in one poll
+    store_attempts: int = 5  # tries of one store call before the worker gives up
+    store_backoff_s: float = 0.2  # first wait between tries; doubles each time
+    store_backoff_max_s: float = 5.0
+    deadletter_timeout_s: float = 30.0  # longest wait for Kafka to confirm dead letters
+    max_sample_duration_s: int = MAX_DURATION_S
+    # Extra librdkafka settings, e.g. {"session.timeout.ms": 6000}.
+    consumer_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    producer_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        limits: list[tuple[str, float, float, float]] = [
+            ("max_records_per_poll", self.max_records_per_poll, 1, 100_000),
+            ("poll_timeout_s", self.poll_timeout_s, 0.001, 60),
+            ("store_attempts", self.store_attempts, 1, 100),
+            ("store_backoff_s", self.store_backoff_s, 0, 60),
+            ("store_backoff_max_s", self.store_backoff_max_s, 0, 600),
+            ("deadletter_timeout_s", self.deadletter_timeout_s, 0.001, 600),
+            ("max_sample_duration_s", self.max_sample_duration_s, 0, MAX_DURATION_S),
+        ]
+        for name, value, low, high in limits:
+            if not low <= value <= high:
+                raise ValueError(f"WorkerConfig.{name} = {value} is outside [{low}, {high}]")
+        for name in ("bootstrap", "topic", "group_id", "deadletter_topic"):
+            if not getattr(self, name):
+                raise ValueError(f"WorkerConfig.{name} must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    polls: int = 0  # polls that returned records
+    records: int = 0  # Kafka records consumed
+    batches_new: int = 0  # batches counted now
+    batches_duplicate: int = 0  # records of batches already counted (before or in this poll)
+    samples: int = 0  # samples decoded (a batch repeated within one poll counts once)
+    unresolved_samples: int = 0  # samples dead-lettered as unresolvable
+    undecodable: int = 0  # records dead-lettered as undecodable
+    dead_lettered: int = 0  # dead letters written (records)
+
+    def plus(self, other: WorkerStats) -> WorkerStats:
+        return WorkerStats(
+            *(getattr(self, f) + getattr(other, f) for f in WorkerStats.__dataclass_fields__)
+        )
+
+
+def call_with_retries(
+    what: str,
+    call: Callable[[], _T],
+    *,
+    attempts: int,
+    backoff_s: float,
+    backoff_max_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> _T:
+    """Call, retrying on any exception up to ``attempts`` tries in all, waiting
+    ``backoff_s`` doubled each time (at most ``backoff_max_s``); re-raise the last error."""
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt >= attempts:
+                raise
+            log.warning(
+                "%s failed (try %d of %d), retrying in %.2f s: %r",
+                what,
+                attempt,
+                attempts,
+                delay,
+                exc,
+            )
+        sleep(delay)
+        delay = min(delay * 2, backoff_max_s)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RatingWorker:
+    """Consumes the usage topic and writes rated usage to the store.
+
+    Use as a context manager (``close()`` leaves the consumer group cleanly)."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        store: Store,
+        catalog: Catalog,
+        clock: Callable[[], datetime],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.stats = WorkerStats()
+        self._store = store
+        self._frames = CatalogFrames.from_catalog(catalog)
+        self._clock = clock
+        self._sleep = sleep
+        self._deadletters = DeadLetterProducer(
+            config.bootstrap, config.deadletter_topic, config.producer_config
+        )
+        self._consumer = UsageConsumer(
+            config.bootstrap,
+            config.group_id,
+            config.topic,
+            self._stored_offsets,
+            config.consumer_config,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self._consumer.close()
+        finally:
+            self._deadletters.close()
+
+    def __enter__(self) -> RatingWorker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- loops ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> WorkerStats:
+        """Rate until ``stop`` is set."""
+        while not stop.is_set():
+            self.poll_once()
+        return self.stats
+
+    def run_until_idle(self, idle_s: float, max_seconds: float) -> WorkerStats:
+        """Rate until no record arrived for ``idle_s`` seconds after the consumer got its
+        partitions, or ``max_seconds`` passed in all (the demo and tests use this)."""
+        deadline = time.monotonic() + max_seconds
+        last_activity: float | None = None
+        while (now := time.monotonic()) < deadline:
+            timeout = min(self.config.poll_timeout_s, deadline - now)
+            if self.poll_once(timeout):
+                last_activity = time.monotonic()
+            elif self._consumer.assignment is not None:
+                if last_activity is None:
+                    last_activity = time.monotonic()
+                elif time.monotonic() - last_activity >= idle_s:
+                    break
+        return self.stats
+
+    def poll_once(self, timeout_s: float | None = None) -> int:
+        """Consume and rate one poll's worth of records; return how many there were."""
+        records = self._consumer.poll(
+            self.config.max_records_per_poll,
+            self.config.poll_timeout_s if timeout_s is None else timeout_s,
+        )
+        if records:
+            self.stats = self.stats.plus(self.process(records))
+        return len(records)
+
+    # -- one poll ------------------------------------------------------------------------
+
+    def process(self, records: Sequence[RawRecord]) -> WorkerStats:
+        """Decode, rate, dead-letter, write, then commit one poll's records."""
+        decoded = decode_records(records)
+        rated = rate(decoded.samples, self._frames, self.config.max_sample_duration_s)
+
+        letters = [undecodable_letter(u.record, u.error) for u in decoded.undecodable]
+        letters.extend(unresolved_letters(records, decoded.ledger, rated.unresolved))
+        if letters:
+            self._deadletters.send(letters, self.config.deadletter_timeout_s)
+
+        next_offsets: dict[tuple[str, int], int] = {}
+        for r in records:
+            key = (r.topic, r.partition)
+            next_offsets[key] = max(next_offsets.get(key, 0), r.offset + 1)
+        consumed = [
+            ConsumedOffset(self.config.group_id, topic, partition, offset)
+            for (topic, partition), offset in sorted(next_offsets.items())
+        ]
+        rated_at = self._clock()
+        outcome: WriteOutcome = self._retrying(
+            "store.write_rated",
+            lambda: self._store.write_rated(decoded.ledger, rated.partials, consumed, rated_at),
+        )
+        self._consumer.commit(next_offsets)
+
+        stats = WorkerStats(
+            polls=1,
+            records=len(records),
+            batches_new=outcome.new_batches,
+            # The store counts a batch repeated within this poll as a duplicate too, so
+            # new + duplicate = decodable records, however the records fell into polls.
+            batches_duplicate=outcome.duplicate_batches,
+            samples=decoded.samples.height,
+            unresolved_samples=rated.unresolved.height,
+            undecodable=len(decoded.undecodable),
+            dead_lettered=len(letters),
+        )
+        log.debug("rated a poll: %s", stats)
+        return stats
+
+    def _stored_offsets(self, topic: str) -> dict[int, int]:
+        return self._retrying(
+            "store.committed_offsets",
+            lambda: self._store.committed_offsets(self.config.group_id, topic),
+        )
+
+    def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
+        return call_with_retries(
+            what,
+            call,
+            attempts=self.config.store_attempts,
+            backoff_s=self.config.store_backoff_s,
+            backoff_max_s=self.config.store_backoff_max_s,
+            sleep=self._sleep,
+        )
+
+
+# -- dead letters ----------------------------------------------------------------------------
+
+
+def _headers(
+    record: RawRecord, kind: str, error: str, extra: Sequence[tuple[str, bytes]] = ()
+) -> tuple[tuple[str, bytes], ...]:
+    return (
+        *record.headers,
+        ("meterline.error", _bounded(error).encode()),
+        ("meterline.error.kind", kind.encode()),
+        ("meterline.stage", STAGE.encode()),
+        ("meterline.source.topic", record.topic.encode()),
+        ("meterline.source.partition", str(record.partition).encode()),
+        ("meterline.source.offset", str(record.offset).encode()),
+        *extra,
+    )
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_ERROR_HEADER_CHARS:
+        return text
+    return text[: MAX_ERROR_HEADER_CHARS - 20] + f" ... ({len(text)} chars)"
+
+
+def undecodable_letter(record: RawRecord, error: str) -> DeadLetter:
+    return DeadLetter(record.key, record.value, _headers(record, "undecodable", error))
+
+
+def unresolved_letters(
+    records: Sequence[RawRecord], ledger: pl.DataFrame, unresolved: pl.DataFrame
+) -> list[DeadLetter]:
+    """One dead letter per batch with unresolved samples: a copy of the batch holding only
+    those samples, headers naming each reason with its count."""
+    if unresolved.is_empty():
+        return []
+    by_position = {(r.topic, r.partition, r.offset): r for r in records}
+    # The first record of each batch in this poll is the one whose samples were rated.
+    first_record = (
+        ledger.unique(["agent_id", "seq"], keep="first", maintain_order=True)
+        .select("agent_id", "seq", "topic", "partition", "offset")
+        .rows()
+    )
+    source = {(a, s): by_position[t, p, o] for a, s, t, p, o in first_record}
+    reason_counts = (
+        unresolved.group_by("agent_id", "seq", "reason", maintain_order=True)
+        .len()
+        .group_by("agent_id", "seq", maintain_order=True)
+        .agg(pl.col("reason"), pl.col("len"))
+    )
+    per_batch = (
+        unresolved.group_by("agent_id", "seq", maintain_order=True)
+        .agg(pl.col("sample_index"))
+        .join(reason_counts, on=["agent_id", "seq"], how="left", maintain_order="left")
+        .rows()
+    )
+    letters: list[DeadLetter] = []
+    for agent_id, seq, indexes, reasons, counts in per_batch:
+        record = source[agent_id, seq]
+        error = "; ".join(
+            f"{reason} ({n} sample{'s' if n != 1 else ''})"
+            for reason, n in zip(reasons, counts, strict=True)
+        )
+        subset = subset_record(parse_record(record.value), indexes)
+        letters.append(
+            DeadLetter(
+                record.key,
+                subset.SerializeToString(),
+                _headers(
+                    record,
+                    "unresolved",
+                    error,
+                    [("meterline.sample_indexes", ",".join(map(str, indexes)).encode())],
+                ),
+            )
+        )
+    return letters
