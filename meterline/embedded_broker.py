@@ -18,7 +18,8 @@ from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -74,7 +75,10 @@ class EmbeddedBroker:
                 raise BrokerStartError(
                     f"noida-db exited with {self._process.returncode}; log: {self._log_path}"
                 )
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2),
+            ):
                 return
             time.sleep(0.05)
         self.stop()

@@ -1,0 +1,321 @@
+"""The ``meterline`` console script: one entry point, a subcommand per job. Wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from meterline.settings import Settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed without a traceback, exit 2."""
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no offset: write Z or +01:00")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        key: value
+        for key, value in (
+            ("store_url", getattr(args, "store", None)),
+            ("kafka_bootstrap", getattr(args, "kafka", None)),
+        )
+        if value is not None
+    }
+    return Settings(**overrides)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from aggregation.factory import open_store
+
+    store = open_store(_settings(args).store_url)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    print(f"migrations applied: {applied or 'none (schema is current)'}")
+    return EXIT_OK
+
+
+def cmd_catalog_check(args: argparse.Namespace) -> int:
+    from rating.catalog_file import read_catalog_file
+
+    applied = read_catalog_file(Path(args.file))
+    catalog = applied.catalog
+    print(
+        f"{args.file}: valid: {len(catalog.meters)} meters, {len(catalog.plans)} plans, "
+        f"{len(catalog.accounts)} accounts, {len(catalog.subscriptions)} subscriptions, "
+        f"{len(catalog.resources)} resources (sha256 {applied.digest[:12]})"
+    )
+    return EXIT_OK
+
+
+def cmd_catalog_apply(args: argparse.Namespace) -> int:
+    from meterline.wiring import open_migrated_store, system_clock
+    from rating.catalog_file import read_catalog_file
+
+    applied = read_catalog_file(Path(args.file))  # validates everything before any write
+    store = open_migrated_store(_settings(args).store_url)
+    try:
+        current = store.load_catalog()
+        if current is not None and current.digest == applied.digest:
+            print(f"catalog unchanged (version {current.version})")
+            return EXIT_OK
+        version = store.save_catalog(
+            applied.document, applied.digest, applied.source, system_clock()
+        )
+    finally:
+        store.close()
+    print(f"catalog version {version} applied from {args.file}")
+    return EXIT_OK
+
+
+def cmd_collector_serve(args: argparse.Namespace) -> int:
+    from collectors.grpc_server import serve
+    from collectors.ingest import Ingestor, IngestSettings
+    from collectors.kafka_sink import KafkaSink
+    from meterline.wiring import current_catalog, directory_for, open_migrated_store, system_clock
+
+    settings = _settings(args)
+    store = open_migrated_store(settings.store_url)
+    try:
+        directory = directory_for(current_catalog(store))
+    finally:
+        store.close()
+    host, _, port = (args.listen or settings.collector_listen).rpartition(":")
+    sink = KafkaSink(settings.kafka_bootstrap)
+    ingestor = Ingestor(
+        directory,
+        sink,
+        IngestSettings(collector_id=settings.collector_id, topic=settings.usage_topic),
+        system_clock,
+    )
+    try:
+        asyncio.run(serve(ingestor, host, int(port)))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.close()
+    return EXIT_OK
+
+
+def cmd_rate(args: argparse.Namespace) -> int:
+    from meterline.wiring import current_catalog, open_migrated_store, system_clock
+    from rating.worker import RatingWorker, WorkerConfig
+
+    settings = _settings(args)
+    store = open_migrated_store(settings.store_url)
+    try:
+        config = WorkerConfig(
+            bootstrap=settings.kafka_bootstrap,
+            topic=settings.usage_topic,
+            group_id=settings.consumer_group,
+            deadletter_topic=settings.deadletter_topic,
+            max_records_per_poll=settings.rating_max_records_per_poll,
+        )
+        with RatingWorker(config, store, current_catalog(store), system_clock) as worker:
+            if args.until_idle is not None:
+                stats = worker.run_until_idle(args.until_idle, args.max_seconds)
+            else:
+                stop = threading.Event()
+                signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                signal.signal(signal.SIGINT, lambda *_: stop.set())
+                stats = worker.run(stop)
+    finally:
+        store.close()
+    print(stats)
+    return EXIT_OK
+
+
+def cmd_agent_simulate(args: argparse.Namespace) -> int:
+    from collectors.grpc_agent import simulate_fleet
+    from collectors.simulator import FleetSpec
+    from meterline.demo import METERS_BY_KIND
+    from meterline.wiring import current_catalog, open_migrated_store
+
+    store = open_migrated_store(_settings(args).store_url)
+    try:
+        catalog = current_catalog(store)
+    finally:
+        store.close()
+    resources = sorted(r.id for r in catalog.resources.values() if r.kind == args.kind)
+    if not resources:
+        raise UsageError(f"the catalog has no resources of kind {args.kind!r}")
+    spec = FleetSpec(
+        resource_ids=tuple(resources),
+        meters=METERS_BY_KIND[args.kind],
+        start=args.start,
+        end=args.end,
+        hosts=min(args.hosts, len(resources)),
+        interval_s=args.interval,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        agent_prefix=args.agent_prefix,
+    )
+    truth = asyncio.run(
+        simulate_fleet(args.target, spec, ground_truth_path=Path(args.ground_truth))
+    )
+    print(
+        f"sent {truth.samples_sent:,} samples in {truth.batches_sent:,} batches, "
+        f"{truth.samples_accepted:,} accepted; ground truth in {args.ground_truth}"
+    )
+    return EXIT_OK
+
+
+def cmd_close(args: argparse.Namespace) -> int:
+    from invoicer.close import close_period
+    from invoicer.documents import invoices_to_text
+    from invoicer.periods import parse_period_label
+    from meterline.wiring import current_catalog, open_migrated_store, system_clock
+
+    year, month = parse_period_label(args.period)
+    now = args.now or system_clock()
+    store = open_migrated_store(_settings(args).store_url)
+    try:
+        result = close_period(store, current_catalog(store), year, month, now)
+    finally:
+        store.close()
+    if args.format == "json":
+        print("[" + ",\n".join(s.document for s in result.stored) + "]")
+    else:
+        print(invoices_to_text(result.invoices))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meterline.demo import run_demo
+
+    return run_demo(Path(args.workdir).resolve())
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="store URL (default: METERLINE_STORE_URL)")
+
+
+def _kafka_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kafka", help="bootstrap servers (default: METERLINE_KAFKA_BOOTSTRAP)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("migrate", cmd_migrate, "apply pending store migrations")
+    _store_option(sub)
+
+    catalog = commands.add_parser("catalog", help="check or apply a catalog file")
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True)
+    check = catalog_commands.add_parser("check", help="validate a catalog file, change nothing")
+    check.add_argument("file")
+    check.set_defaults(handler=cmd_catalog_check)
+    apply = catalog_commands.add_parser(
+        "apply", help="validate a catalog file and store it as the new version (all or nothing)"
+    )
+    apply.add_argument("file")
+    _store_option(apply)
+    apply.set_defaults(handler=cmd_catalog_apply)
+
+    collector = commands.add_parser("collector", help="the gRPC ingest service")
+    collector_commands = collector.add_subparsers(dest="collector_command", required=True)
+    serve = collector_commands.add_parser("serve", help="validate batches, write them to Kafka")
+    serve.add_argument("--listen", help="host:port (default: METERLINE_COLLECTOR_LISTEN)")
+    _store_option(serve)
+    _kafka_option(serve)
+    serve.set_defaults(handler=cmd_collector_serve)
+
+    sub = command("rate", cmd_rate, "run a rating worker (consumer group member)")
+    _store_option(sub)
+    _kafka_option(sub)
+    sub.add_argument("--until-idle", type=float, metavar="SECONDS", help="stop when idle this long")
+    sub.add_argument("--max-seconds", type=float, default=3600.0, help="with --until-idle")
+
+    agent = commands.add_parser("agent", help="agent tools")
+    agent_commands = agent.add_subparsers(dest="agent_command", required=True)
+    simulate = agent_commands.add_parser(
+        "simulate", help="simulate a fleet (time compressed) and write its ground truth"
+    )
+    simulate.add_argument("--target", required=True, help="collector host:port")
+    simulate.add_argument("--from", dest="start", type=_instant, required=True)
+    simulate.add_argument("--to", dest="end", type=_instant, required=True)
+    simulate.add_argument("--hosts", type=int, default=10)
+    simulate.add_argument("--kind", default="server", choices=sorted(("server", "volume")))
+    simulate.add_argument("--interval", type=int, default=300, help="seconds per sample")
+    simulate.add_argument("--batch-size", type=int, default=1000)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--agent-prefix", default="sim")
+    simulate.add_argument("--ground-truth", default="ground_truth.json")
+    _store_option(simulate)
+    simulate.set_defaults(handler=cmd_agent_simulate)
+
+    sub = command("close", cmd_close, "close a billing period: draft invoices for every account")
+    sub.add_argument("--period", required=True, help="YYYY-MM, in each account's timezone")
+    sub.add_argument("--now", type=_instant, help="the clock (default: now)")
+    sub.add_argument("--format", choices=("text", "json"), default="text")
+    _store_option(sub)
+
+    sub = command("demo", cmd_demo, "the whole pipeline on embedded defaults, one month")
+    sub.add_argument("--workdir", default="var/demo")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from aggregation.ports import IssuedInvoiceError
+    from invoicer.close import PeriodNotClosableError
+    from meterline.wiring import NoCatalogError
+    from rating.catalog_file import CatalogError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CatalogError as exc:
+        print(f"catalog rejected, nothing applied:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (UsageError, ValueError) as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (PeriodNotClosableError, IssuedInvoiceError, NoCatalogError) as exc:
+        print(f"meterline: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
