@@ -70,7 +70,8 @@ class UsageConsumer:
             "enable.partition.eof": False,
         }
         config.update(extra_config or {})
-        self._consumer = Consumer(config)
+        # librdkafka's own log lines go through logging, not straight to stderr.
+        self._consumer = Consumer({**config, "logger": log})
         self._consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -159,7 +160,7 @@ class DeadLetterProducer:
             "acks": "all",
         }
         config.update(extra_config or {})
-        self._producer = Producer(config)
+        self._producer = Producer({**config, "logger": log})
 
     def send(self, letters: Sequence[DeadLetter], timeout_s: float) -> None:
         failures: list[str] = []
