@@ -52,6 +52,8 @@ LIMIT_MAXIMA: Mapping[str, int] = {
     "max_clock_skew_s": 3600,
     # One serialized SampleBatch, bytes (also the gRPC receive limit).
     "max_message_bytes": 64 * 1024 * 1024,
+    # One resource id, UTF-8 bytes (longer ones are MALFORMED_RESOURCE_ID).
+    "max_resource_id_bytes": 1024,
 }
 
 
@@ -65,6 +67,7 @@ class Limits:
     min_duration_s: int = 1
     max_clock_skew_s: int = 300
     max_message_bytes: int = 4 * 1024 * 1024
+    max_resource_id_bytes: int = 256
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from collectors.auth import bearer_metadata
 from collectors.simulator import FleetSpec, GeneratedBatch, GroundTruth, host_batches
 from meterline_proto.agent.v1 import agent_pb2, agent_pb2_grpc
 
@@ -87,7 +88,9 @@ class AgentClient:
         *,
         max_in_flight: int = 8,
         retry: RetryPolicy | None = None,
+        token: str | None = None,
     ) -> None:
+        """``token``: the agent's bearer token (sent as ``authorization`` metadata)."""
         if not 1 <= max_in_flight <= MAX_IN_FLIGHT_MAXIMUM:
             raise ValueError(f"max_in_flight must be in [1, {MAX_IN_FLIGHT_MAXIMUM}]")
         self.agent_id = agent_id
@@ -97,6 +100,7 @@ class AgentClient:
         self._retry = retry if retry is not None else RetryPolicy()
         self._unacked: OrderedDict[int, agent_pb2.SampleBatch] = OrderedDict()
         self._window = asyncio.Event()
+        self._metadata = bearer_metadata(token) if token is not None else None
 
     async def send_all(self, batches: Iterable[agent_pb2.SampleBatch], on_ack: OnAck) -> AgentStats:
         source = iter(batches)
@@ -113,8 +117,10 @@ class AgentClient:
                         f"{exc.details()}"
                     ) from exc
                 error: Exception = exc
+                hint_s = _retry_after_s(exc)
             except _StreamEndedError as exc:
                 error = exc
+                hint_s = 0.0
             failures = 1 if self.stats.batches_acked > acked_before else failures + 1
             if failures > self._retry.max_retries:
                 raise AgentError(
@@ -122,7 +128,7 @@ class AgentClient:
                     f"retries without progress; last error: {error}"
                 ) from error
             self.stats.retries += 1
-            delay = self._retry.delay_s(failures)
+            delay = max(self._retry.delay_s(failures), min(hint_s, self._retry.backoff_max_s))
             _log.warning(
                 "agent %s: stream failed (%s); resending %d unacked batches in %.2f s",
                 self.agent_id,
@@ -133,7 +139,7 @@ class AgentClient:
             await asyncio.sleep(delay)
 
     async def _attempt(self, source: Iterator[agent_pb2.SampleBatch], on_ack: OnAck) -> None:
-        call = self._stub.StreamBatches()
+        call = self._stub.StreamBatches(metadata=self._metadata)
         exhausted = False
 
         async def write() -> None:
@@ -197,6 +203,16 @@ class AgentClient:
             call.cancel()
 
 
+def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
+    """The collector's ``retry-after-ms`` hint (trailing metadata), in seconds; 0 if none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            text = value.decode() if isinstance(value, bytes) else value
+            if text.isdigit():
+                return int(text) / 1000
+    return 0.0
+
+
 async def simulate_fleet(
     target: str,
     spec: FleetSpec,
@@ -206,9 +222,11 @@ async def simulate_fleet(
     retry: RetryPolicy | None = None,
     ground_truth_path: Path | None = None,
     channel_options: Iterable[tuple[str, int | str]] = (),
+    tokens: Mapping[str, str] | None = None,
 ) -> GroundTruth:
     """Run one agent per host of ``spec`` against the collector at ``target`` (host:port),
     at most ``concurrency`` agents at once, as fast as acks allow (time compressed).
+    ``tokens``: agent_id -> bearer token, for a collector that authenticates.
 
     Returns the ground truth, also written to ``ground_truth_path`` when given.
     """
@@ -221,8 +239,15 @@ async def simulate_fleet(
 
         async def run_hosts() -> None:
             for host in hosts:  # shared iterator: each worker takes the next host
+                agent_id = spec.agent_id(host)
                 await _run_host(
-                    channel, spec, host, truth, max_in_flight=max_in_flight, retry=retry
+                    channel,
+                    spec,
+                    host,
+                    truth,
+                    max_in_flight=max_in_flight,
+                    retry=retry,
+                    token=tokens.get(agent_id) if tokens is not None else None,
                 )
 
         async with asyncio.TaskGroup() as group:
@@ -242,8 +267,11 @@ async def _run_host(
     *,
     max_in_flight: int,
     retry: RetryPolicy | None,
+    token: str | None = None,
 ) -> None:
-    agent = AgentClient(channel, spec.agent_id(host), max_in_flight=max_in_flight, retry=retry)
+    agent = AgentClient(
+        channel, spec.agent_id(host), max_in_flight=max_in_flight, retry=retry, token=token
+    )
     in_flight: dict[int, GeneratedBatch] = {}
 
     def batches() -> Iterator[agent_pb2.SampleBatch]:

@@ -6,23 +6,33 @@ naming the problem, instead of grpc's generic deserialization failure.
 
 ``StreamBatches`` is pipelined: up to ``max_in_flight_per_stream`` batches of one stream are
 validated and written to Kafka concurrently, and their acks go back in arrival order, each
-only after its record was confirmed. A malformed batch aborts the stream with
-``INVALID_ARGUMENT`` after the acks of the batches before it; a Kafka failure aborts it with
-``UNAVAILABLE`` and acks nothing more. Batches not acked are the agent's to resend (with the
-same ``(agent_id, seq)``).
+only after its records were confirmed. A batch that cannot be taken ends the stream after
+the acks of the batches before it, with the status that says why (nothing after it is
+read); a Kafka failure ends it with ``UNAVAILABLE`` and acks nothing more. Batches not acked
+are the agent's to resend (with the same ``(agent_id, seq)``).
+
+Statuses: ``UNAUTHENTICATED`` (no, unknown or revoked token; checked when a call starts and
+again on the next batch after the credentials were refreshed), ``PERMISSION_DENIED`` (a
+batch of another agent than the token's), ``INVALID_ARGUMENT`` (malformed batch),
+``RESOURCE_EXHAUSTED`` (the process is at its in-flight bound or Kafka is slow),
+``UNAVAILABLE`` (Kafka did not confirm, or the collector is shutting down). The last two
+carry the trailing metadata ``retry-after-ms``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
-from collectors.ingest import Ingestor
+from collectors.auth import AgentIdentity, AuthenticationError
+from collectors.ingest import AgentMismatchError, Ingestor, OverloadedError, Ticket
 from collectors.ports import SinkError
 from collectors.validation import MalformedBatchError
 from meterline_proto.agent.v1 import agent_pb2
@@ -31,17 +41,28 @@ _log = logging.getLogger(__name__)
 
 SERVICE_NAME = "meterline.agent.v1.IngestService"
 RETRY_HINT = "retry the batch with the same (agent_id, seq)"
+RETRY_AFTER_KEY = "retry-after-ms"
+SHUTTING_DOWN = "the collector is shutting down; reconnect (to another collector)"
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 
 
 @dataclass(frozen=True, slots=True)
-class _Malformed:
-    ordinal: int  # 1-based position of the batch in its stream
-    error: MalformedBatchError
+class _Refused:
+    """Why the stream ends at this batch (after the acks of the batches before it)."""
+
+    code: grpc.StatusCode
+    message: str
+    retry_after_ms: int | None = None
 
 
-_Item = asyncio.Task[agent_pb2.BatchAck] | _Malformed | None
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    task: asyncio.Task[agent_pb2.BatchAck]
+    ticket: Ticket
+
+
+_Item = _InFlight | _Refused | None
 
 
 def _retrieve(task: asyncio.Task[agent_pb2.BatchAck]) -> None:
@@ -50,66 +71,144 @@ def _retrieve(task: asyncio.Task[agent_pb2.BatchAck]) -> None:
         task.exception()
 
 
+def _release(ingestor: Ingestor, ticket: Ticket, _task: object) -> None:
+    ingestor.release(ticket)  # confirmed, failed or abandoned: the place is free again
+
+
+def _trailer(retry_after_ms: int | None) -> Sequence[tuple[str, str]]:
+    return () if retry_after_ms is None else ((RETRY_AFTER_KEY, str(retry_after_ms)),)
+
+
+def _refusal(exc: Exception, retry_after_ms: int) -> _Refused:
+    """The status of a batch that is not taken (``exc`` raised by admit/prepare)."""
+    if isinstance(exc, MalformedBatchError):
+        return _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, AuthenticationError):
+        return _Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if isinstance(exc, AgentMismatchError):
+        return _Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+    if isinstance(exc, OverloadedError):
+        return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), exc.retry_after_ms)
+    if isinstance(exc, SinkError):
+        return _Refused(grpc.StatusCode.UNAVAILABLE, f"{exc}; {RETRY_HINT}", retry_after_ms)
+    raise exc
+
+
+_REFUSED_ERRORS = (MalformedBatchError, AuthenticationError, AgentMismatchError, OverloadedError)
+
+
 class IngestHandlers:
     """The two RPCs over an :class:`Ingestor`, on raw bytes."""
 
     def __init__(self, ingestor: Ingestor) -> None:
         self._ingestor = ingestor
+        self._draining = False
+        self._readers: set[asyncio.Task[None]] = set()
+
+    def drain(self) -> None:
+        """Refuse new calls, stop reading open streams; batches already read finish (and
+        are acked), then each stream ends ``UNAVAILABLE``."""
+        self._draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    async def _abort(self, context: Context, refused: _Refused) -> NoReturn:
+        await context.abort(refused.code, refused.message, _trailer(refused.retry_after_ms))
+
+    async def _start_call(self, context: Context) -> AgentIdentity | None:
+        """Refuse a new call while draining; authenticate it."""
+        retry_after_ms = self._ingestor.settings.retry_after_ms
+        if self._draining:
+            await self._abort(
+                context, _Refused(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, retry_after_ms)
+            )
+        try:
+            return self._ingestor.authenticate(context.invocation_metadata() or ())
+        except AuthenticationError as exc:
+            await self._abort(context, _refusal(exc, retry_after_ms))
 
     async def submit_batch(self, raw: bytes, context: Context) -> bytes:
+        identity = await self._start_call(context)
         try:
-            ack = await self._ingestor.ingest(raw)
-        except MalformedBatchError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except SinkError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; {RETRY_HINT}")
+            ack = await self._ingestor.ingest(raw, identity)
+        except (*_REFUSED_ERRORS, SinkError) as exc:
+            await self._abort(context, _refusal(exc, self._ingestor.settings.retry_after_ms))
         return ack.SerializeToString()
 
     async def stream_batches(
         self, requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
         ingestor = self._ingestor
+        retry_after_ms = ingestor.settings.retry_after_ms
+        authenticator = ingestor.authenticator
+        identity = await self._start_call(context)
+        metadata = tuple(context.invocation_metadata() or ())
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         slots = asyncio.Semaphore(ingestor.settings.max_in_flight_per_stream)
 
         async def read_all() -> None:
+            nonlocal authenticator, identity
             ordinal = 0
-            try:
-                async for raw in requests:
-                    await slots.acquire()  # bounded in-flight batches per stream
-                    ordinal += 1
+            async for raw in requests:
+                await slots.acquire()  # bounded in-flight batches per stream
+                ordinal += 1
+                try:
+                    if ingestor.authenticator is not authenticator:  # refreshed tokens
+                        authenticator = ingestor.authenticator
+                        identity = ingestor.authenticate(metadata)
+                    ticket = ingestor.admit()
                     try:
-                        prepared = ingestor.prepare(raw)
-                    except MalformedBatchError as exc:
-                        queue.put_nowait(_Malformed(ordinal, exc))
-                        return  # read nothing after a malformed batch
-                    queue.put_nowait(asyncio.create_task(ingestor.commit(prepared)))
-            finally:
-                queue.put_nowait(None)
+                        prepared = ingestor.prepare(raw, identity)
+                    except BaseException:
+                        ingestor.release(ticket)
+                        raise
+                except _REFUSED_ERRORS as exc:
+                    refused = _refusal(exc, retry_after_ms)
+                    message = (
+                        f"batch #{ordinal} of this stream: {refused.message} (the batches "
+                        f"before it were acked; nothing after it was read)"
+                    )
+                    queue.put_nowait(_Refused(refused.code, message, refused.retry_after_ms))
+                    return
+                task = asyncio.create_task(ingestor.commit(prepared))
+                task.add_done_callback(functools.partial(_release, ingestor, ticket))
+                queue.put_nowait(_InFlight(task, ticket))
+
+        def reader_done(task: asyncio.Task[None]) -> None:
+            # Here, not in a `finally` of read_all: a task cancelled before its first step
+            # never runs its body.
+            self._readers.discard(task)
+            if task.cancelled() and self._draining:
+                queue.put_nowait(
+                    _Refused(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, retry_after_ms)
+                )
+            queue.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
+        self._readers.add(reader)
+        reader.add_done_callback(reader_done)
+        if self._draining:  # drain() ran between _start_call and here
+            reader.cancel()
         try:
             while (item := await queue.get()) is not None:
-                if isinstance(item, _Malformed):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"batch #{item.ordinal} of this stream: {item.error} "
-                        f"(the batches before it were acked; nothing after it was read)",
-                    )
+                if isinstance(item, _Refused):
+                    await self._abort(context, item)
                 try:
-                    ack = await item
+                    ack = await item.task
                 except SinkError as exc:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; {RETRY_HINT}")
+                    await self._abort(context, _refusal(exc, retry_after_ms))
+                ingestor.acked(item.ticket)
                 slots.release()
                 yield ack.SerializeToString()
-            await reader  # surface an error of the reading side
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader  # surface an error of the reading side
         finally:
             reader.cancel()
             while not queue.empty():  # batches behind an abort stay unacked
                 left = queue.get_nowait()
-                if isinstance(left, asyncio.Task):
-                    left.cancel()
-                    left.add_done_callback(_retrieve)
+                if isinstance(left, _InFlight):
+                    left.task.cancel()
+                    left.task.add_done_callback(_retrieve)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
@@ -135,6 +234,7 @@ class CollectorServer:
         self._ingestor = ingestor
         self._address = f"{host}:{port}"
         self._server: grpc.aio.Server | None = None
+        self._handlers: IngestHandlers | None = None
         self.port: int | None = None
 
     async def start(self) -> int:
@@ -147,19 +247,23 @@ class CollectorServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers((IngestHandlers(self._ingestor).generic_handler(),))
+        handlers = IngestHandlers(self._ingestor)
+        server.add_generic_rpc_handlers((handlers.generic_handler(),))
         port = server.add_insecure_port(self._address)
         if port == 0:
             raise RuntimeError(f"could not bind the collector to {self._address}")
         await server.start()
-        self._server, self.port = server, port
+        self._server, self._handlers, self.port = server, handlers, port
         _log.info("collector listening on port %d (%s)", port, self._address)
         return port
 
     async def stop(self, grace_s: float | None = 5.0) -> None:
-        """Stop accepting; let running batches finish for up to ``grace_s``, then cancel them
-        (cancelled batches stay unacked and are resent by their agents)."""
+        """Stop accepting calls and reading open streams; let the batches already read
+        finish and be acked for up to ``grace_s``, then cancel what is left (it stays
+        unacked and is resent by its agents). Open streams end ``UNAVAILABLE``."""
         server, self._server = self._server, None
+        if self._handlers is not None:
+            self._handlers.drain()
         if server is not None:
             await server.stop(grace_s)
 

@@ -15,6 +15,10 @@ Two levels of failure:
   first rule it fails, in this fixed order (``RULE_ORDER``)::
 
       UNKNOWN_METER           meter_index     meter name not in the directory
+      MALFORMED_RESOURCE_ID   resource_index  resource id empty, longer than
+                                              limits.max_resource_id_bytes (UTF-8), or
+                                              holding a control character (Unicode Cc)
+      FORBIDDEN_RESOURCE      resource_index  resource id outside the caller's scope
       UNKNOWN_RESOURCE        resource_index  resource id not in the directory
       NEGATIVE_QUANTITY       value           value < 0
       QUANTITY_OVERFLOW       value           value > limits.max_value
@@ -23,11 +27,14 @@ Two levels of failure:
                                               start < now - the meter's max_lateness_s
 
   The interval length is checked before the timestamps so that an absurd duration is reported
-  as such, not as a sample "from the future".
+  as such, not as a sample "from the future". The scope is checked before the directory so
+  that an agent cannot learn which resources outside its scope exist. Resource ids are
+  judged once per dictionary entry, never per sample.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -35,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
+from collectors.auth import Scope
 from collectors.directory import Directory, Limits
 from meterline_proto.agent.v1 import agent_pb2
 from meterline_proto.usage.v1 import samples_pb2
@@ -43,6 +51,8 @@ RejectCode: TypeAlias = agent_pb2.RejectCode.ValueType
 
 RULE_ORDER: tuple[RejectCode, ...] = (
     agent_pb2.UNKNOWN_METER,
+    agent_pb2.MALFORMED_RESOURCE_ID,
+    agent_pb2.FORBIDDEN_RESOURCE,
     agent_pb2.UNKNOWN_RESOURCE,
     agent_pb2.NEGATIVE_QUANTITY,
     agent_pb2.QUANTITY_OVERFLOW,
@@ -53,6 +63,8 @@ RULE_ORDER: tuple[RejectCode, ...] = (
 # The column each code points at (Rejection.field).
 FIELD_OF_CODE: dict[RejectCode, str] = {
     agent_pb2.UNKNOWN_METER: "meter_index",
+    agent_pb2.MALFORMED_RESOURCE_ID: "resource_index",
+    agent_pb2.FORBIDDEN_RESOURCE: "resource_index",
     agent_pb2.UNKNOWN_RESOURCE: "resource_index",
     agent_pb2.NEGATIVE_QUANTITY: "value",
     agent_pb2.QUANTITY_OVERFLOW: "value",
@@ -69,6 +81,49 @@ _PER_SAMPLE_COLUMNS = (
 )
 
 BoolArray = npt.NDArray[np.bool_]
+
+# Unicode category Cc: C0 controls, DEL and C1 controls.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+DETAIL_ID_CHARS = 80  # ids quoted in a rejection's detail are cut to this length
+
+
+def resource_id_problem(resource_id: str, limits: Limits) -> str | None:
+    """Why ``resource_id`` is malformed, or None when it is well formed."""
+    if not resource_id:
+        return "resource id is empty"
+    size = len(resource_id.encode())
+    if size > limits.max_resource_id_bytes:
+        return (
+            f"resource id of {size} bytes exceeds the limit of {limits.max_resource_id_bytes} bytes"
+        )
+    if CONTROL_CHARACTERS.search(resource_id):
+        return "resource id contains a control character"
+    return None
+
+
+def _gather(per_entry: BoolArray, index: npt.NDArray[np.intp]) -> BoolArray | None:
+    """``per_entry[index]``, or None when no entry is True (nothing to gather)."""
+    return per_entry[index] if bool(per_entry.any()) else None
+
+
+def _malformed_entries(entries: list[str], limits: Limits) -> BoolArray:
+    """Per dictionary entry: malformed? One pass over the joined text in the common case
+    (no entry empty, none possibly too long, no control character anywhere)."""
+    if not entries:
+        return np.zeros(0, dtype=np.bool_)
+    # A character is at most 4 UTF-8 bytes: below that, no entry can exceed the limit.
+    if (
+        "" not in entries
+        and max(map(len, entries)) * 4 <= limits.max_resource_id_bytes
+        and CONTROL_CHARACTERS.search("".join(entries)) is None
+    ):
+        return np.zeros(len(entries), dtype=np.bool_)
+    return np.array([resource_id_problem(e, limits) is not None for e in entries], dtype=np.bool_)
+
+
+def _quoted(name: str) -> str:
+    shown = name if len(name) <= DETAIL_ID_CHARS else name[:DETAIL_ID_CHARS] + "..."
+    return repr(shown)
 
 
 class MalformedBatchError(ValueError):
@@ -158,9 +213,16 @@ def decode_batch(raw: bytes, limits: Limits | None = None) -> agent_pb2.SampleBa
 
 
 def validate(
-    batch: agent_pb2.SampleBatch, directory: Directory, limits: Limits, now_unix_s: int
+    batch: agent_pb2.SampleBatch,
+    directory: Directory,
+    limits: Limits,
+    now_unix_s: int,
+    scope: Scope | None = None,
 ) -> Verdict:
-    """Judge every sample of a decoded (``decode_batch``) batch against the directory."""
+    """Judge every sample of a decoded (``decode_batch``) batch against the directory.
+
+    ``scope``: the resources the caller may report (None: all, unauthenticated use only).
+    """
     cols = batch.samples
     resource_index = np.array(cols.resource_index, dtype=np.intp)
     meter_index = np.array(cols.meter_index, dtype=np.intp)
@@ -175,14 +237,24 @@ def validate(
     lateness_s = np.array(
         [r.max_lateness_s if r is not None else 0 for r in meter_rules], dtype=np.int64
     )
+    resource_dict = list(cols.resource_dict)
     resource_known = np.array(
-        [rid in directory.resource_ids for rid in cols.resource_dict], dtype=np.bool_
+        [rid in directory.resource_ids for rid in resource_dict], dtype=np.bool_
     )
+    resource_malformed = _malformed_entries(resource_dict, limits)
+    if scope is None or scope.all_resources:
+        resource_allowed = np.ones(len(resource_dict), dtype=np.bool_)
+    else:
+        allowed = scope.resource_ids
+        resource_allowed = np.array([rid in allowed for rid in resource_dict], dtype=np.bool_)
 
     # Overflow-free forms: end > now + skew  <=>  start > now + skew - duration.
-    failing: dict[RejectCode, BoolArray] = {
-        agent_pb2.UNKNOWN_METER: ~meter_known[meter_index],
-        agent_pb2.UNKNOWN_RESOURCE: ~resource_known[resource_index],
+    # Dictionary-level rules are gathered per sample only when some entry fails (None: none).
+    failing: dict[RejectCode, BoolArray | None] = {
+        agent_pb2.UNKNOWN_METER: _gather(~meter_known, meter_index),
+        agent_pb2.MALFORMED_RESOURCE_ID: _gather(resource_malformed, resource_index),
+        agent_pb2.FORBIDDEN_RESOURCE: _gather(~resource_allowed, resource_index),
+        agent_pb2.UNKNOWN_RESOURCE: _gather(~resource_known, resource_index),
         agent_pb2.NEGATIVE_QUANTITY: value < 0,
         agent_pb2.QUANTITY_OVERFLOW: value > limits.max_value,
         agent_pb2.INTERVAL_OUT_OF_RANGE: (duration < limits.min_duration_s)
@@ -192,7 +264,9 @@ def validate(
     }
     codes = np.zeros(n, dtype=np.int8)
     for code in RULE_ORDER:  # a loop per rule, not per sample
-        codes[(codes == 0) & failing[code]] = code
+        fails = failing[code]
+        if fails is not None:
+            codes[(codes == 0) & fails] = code
     rejected = np.flatnonzero(codes)
     accepted_mask = codes == 0
     if rejected.size == 0:
@@ -228,9 +302,13 @@ def _rejection(
     start = cols.start_unix_s[i]
     duration = cols.duration_s[i]
     if code == agent_pb2.UNKNOWN_METER:
-        detail = f"meter {meter!r} is not in the catalog"
+        detail = f"meter {_quoted(meter)} is not in the catalog"
+    elif code == agent_pb2.MALFORMED_RESOURCE_ID:
+        detail = f"{resource_id_problem(resource, limits)}: {_quoted(resource)}"
+    elif code == agent_pb2.FORBIDDEN_RESOURCE:
+        detail = f"resource {_quoted(resource)} is outside the scope of this agent's token"
     elif code == agent_pb2.UNKNOWN_RESOURCE:
-        detail = f"resource {resource!r} is not in the catalog"
+        detail = f"resource {_quoted(resource)} is not in the catalog"
     elif code == agent_pb2.NEGATIVE_QUANTITY:
         detail = f"value {value} is negative (meter {meter!r}, resource {resource!r})"
     elif code == agent_pb2.QUANTITY_OVERFLOW:

@@ -6,12 +6,27 @@ Not on the data path (a Python loop per sample): property tests prove the vector
 
 from __future__ import annotations
 
+import unicodedata
+
+from collectors.auth import Scope
 from collectors.directory import Directory, Limits
 from meterline_proto.agent.v1 import agent_pb2
 
 
+def _malformed(resource: str, limits: Limits) -> bool:
+    return (
+        not resource
+        or len(resource.encode()) > limits.max_resource_id_bytes
+        or any(unicodedata.category(ch) == "Cc" for ch in resource)
+    )
+
+
 def reference_codes(
-    batch: agent_pb2.SampleBatch, directory: Directory, limits: Limits, now_unix_s: int
+    batch: agent_pb2.SampleBatch,
+    directory: Directory,
+    limits: Limits,
+    now_unix_s: int,
+    scope: Scope | None = None,
 ) -> list[int]:
     """Per sample: 0 when accepted, else the code of the first rule it fails."""
     cols = batch.samples
@@ -26,6 +41,10 @@ def reference_codes(
         code: int
         if rule is None:
             code = agent_pb2.UNKNOWN_METER
+        elif _malformed(resource, limits):
+            code = agent_pb2.MALFORMED_RESOURCE_ID
+        elif scope is not None and not scope.allows(resource):
+            code = agent_pb2.FORBIDDEN_RESOURCE
         elif resource not in directory.resource_ids:
             code = agent_pb2.UNKNOWN_RESOURCE
         elif value < 0:

@@ -458,6 +458,7 @@ def test_no_ack_while_the_broker_is_down_then_recovery(tmp_path: Path) -> None:
         assert (first.seq, first.accepted_count) == (1, 3)
         assert down.code() is grpc.StatusCode.UNAVAILABLE
         assert "same (agent_id, seq)" in (down.details() or "")
+        assert ("retry-after-ms", "1000") in tuple(down.trailing_metadata() or ())
         assert (again.seq, again.accepted_count) == (2, 3)
         seqs = [r.seq for _, r in read_topic(broker.bootstrap, "usage.outage")]
         assert seqs.count(1) == 1

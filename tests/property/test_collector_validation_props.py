@@ -7,6 +7,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collectors.auth import Scope
 from collectors.directory import Directory, Limits, MeterRule
 from collectors.validation import (
     FIELD_OF_CODE,
@@ -29,7 +30,14 @@ LIMITS = Limits(max_samples_per_batch=64)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 UINT32 = st.integers(0, 2**32 - 1)
 
-names_of_resources = st.sampled_from(["r-1", "r-2", "r-3", "r-x", "", "r-1 "])
+names_of_resources = st.sampled_from(
+    ["r-1", "r-2", "r-3", "r-x", "", "r-1 ", "r-\x07", "r-\x85", "r" * 257, "\u00e9" * 128]
+)
+scopes = st.one_of(
+    st.none(),
+    st.just(Scope.of(["*"])),
+    st.lists(st.sampled_from(["r-1", "r-2", "r-x", "r-\x07"]), min_size=1).map(Scope.of),
+)
 names_of_meters = st.sampled_from(["m.counter", "m.short", "m.zero", "m.unknown", ""])
 starts = st.one_of(st.integers(NOW - 40 * DAY, NOW + 2 * 3600), INT64)
 durations = st.one_of(st.integers(0, 4000), UINT32)
@@ -61,8 +69,8 @@ def well_formed_batches(draw: st.DrawFn) -> agent_pb2.SampleBatch:
     return agent_pb2.SampleBatch(agent_id=agent_id, seq=seq, samples=cols)
 
 
-def check_judged_exactly_once(batch: agent_pb2.SampleBatch) -> None:
-    verdict = validate(batch, DIRECTORY, LIMITS, NOW)
+def check_judged_exactly_once(batch: agent_pb2.SampleBatch, scope: Scope | None = None) -> None:
+    verdict = validate(batch, DIRECTORY, LIMITS, NOW, scope)
     n = len(batch.samples.value)
     rejected = [r.index for r in verdict.rejections]
     assert len(rejected) == len(set(rejected))
@@ -77,7 +85,7 @@ def check_judged_exactly_once(batch: agent_pb2.SampleBatch) -> None:
     codes = [0] * n
     for r in verdict.rejections:
         codes[r.index] = r.code
-    assert codes == reference_codes(batch, DIRECTORY, LIMITS, NOW)
+    assert codes == reference_codes(batch, DIRECTORY, LIMITS, NOW, scope)
     # Exactly the accepted samples survive, in order.
     kept = accepted_columns(batch, verdict.accepted_mask)
     mask = verdict.accepted_mask
@@ -93,10 +101,12 @@ def check_judged_exactly_once(batch: agent_pb2.SampleBatch) -> None:
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(well_formed_batches())
-def test_every_sample_is_accepted_or_rejected_exactly_once(batch: agent_pb2.SampleBatch) -> None:
+@given(well_formed_batches(), scopes)
+def test_every_sample_is_accepted_or_rejected_exactly_once(
+    batch: agent_pb2.SampleBatch, scope: Scope | None
+) -> None:
     decoded = decode_batch(batch.SerializeToString(), LIMITS)  # well-formed: no error
-    check_judged_exactly_once(decoded)
+    check_judged_exactly_once(decoded, scope)
 
 
 @settings(max_examples=500)

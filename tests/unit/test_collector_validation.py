@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from collectors.auth import Scope
 from collectors.directory import Directory, Limits, MeterRule
 from collectors.validation import (
     FIELD_OF_CODE,
@@ -16,6 +17,7 @@ from collectors.validation import (
     accepted_columns,
     decode_batch,
     encode_columns,
+    resource_id_problem,
     validate,
 )
 from meterline_proto.agent.v1 import agent_pb2
@@ -268,3 +270,63 @@ def test_limits_refuse_values_outside_their_documented_range() -> None:
         Limits(min_duration_s=10, max_duration_s=5)
     with pytest.raises(ValueError, match="max_lateness_s"):
         MeterRule(max_lateness_s=-1)
+
+
+# --- resource ids and scope --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("resource", "problem"),
+    [
+        ("", "resource id is empty"),
+        ("s" * 257, "257 bytes exceeds the limit of 256 bytes"),
+        ("\u00e9" * 129, "258 bytes exceeds the limit of 256 bytes"),  # 2 UTF-8 bytes each
+        ("srv\x00-1", "control character"),
+        ("srv-1\n", "control character"),
+        ("srv\x7f", "control character"),
+        ("srv\x85", "control character"),  # C1 (NEXT LINE)
+    ],
+)
+def test_malformed_resource_ids_are_rejected_with_their_problem(
+    resource: str, problem: str
+) -> None:
+    batch = decode_batch(batch_of([S(), S(resource=resource), S(resource=resource, value=-1)]))
+    verdict = validate(batch, DIRECTORY, LIMITS, NOW)
+    assert [(r.index, r.code, r.field) for r in verdict.rejections] == [
+        (1, agent_pb2.MALFORMED_RESOURCE_ID, "resource_index"),
+        (2, agent_pb2.MALFORMED_RESOURCE_ID, "resource_index"),  # before NEGATIVE_QUANTITY
+    ]
+    assert problem in verdict.rejections[0].detail
+    assert len(verdict.rejections[0].detail) < 200  # a long id is cut in the detail
+
+
+def test_resource_id_length_boundary_is_accepted_and_well_formed_unicode_is_fine() -> None:
+    directory = Directory(
+        meters=DIRECTORY.meters,
+        resource_ids=frozenset({"s" * 256, "\u00e9" * 128, "serveur-\u00e9t\u00e9 1"}),
+    )
+    batch = decode_batch(
+        batch_of([S(resource="s" * 256), S(resource="\u00e9" * 128), S(resource="serveur-été 1")])
+    )
+    assert validate(batch, directory, LIMITS, NOW).rejections == ()
+    assert resource_id_problem("s" * 256, LIMITS) is None
+    assert resource_id_problem("s" * 10, Limits(max_resource_id_bytes=9)) is not None
+
+
+def test_scope_forbids_resources_outside_it_before_telling_whether_they_exist() -> None:
+    scope = Scope.of(["srv-1"])
+    batch = decode_batch(
+        batch_of([S(), S(resource="srv-2"), S(resource="srv-404"), S(resource=""), S(value=-1)])
+    )
+    verdict = validate(batch, DIRECTORY, LIMITS, NOW, scope)
+    assert [(r.index, r.code) for r in verdict.rejections] == [
+        (1, agent_pb2.FORBIDDEN_RESOURCE),
+        (2, agent_pb2.FORBIDDEN_RESOURCE),  # unknown too, but the agent is not told
+        (3, agent_pb2.MALFORMED_RESOURCE_ID),
+        (4, agent_pb2.NEGATIVE_QUANTITY),
+    ]
+    assert "outside the scope" in verdict.rejections[0].detail
+    # "*" and no scope at all (auth off) forbid nothing.
+    for open_scope in (Scope.of(["*"]), None):
+        codes = [r.code for r in validate(batch, DIRECTORY, LIMITS, NOW, open_scope).rejections]
+        assert agent_pb2.FORBIDDEN_RESOURCE not in codes

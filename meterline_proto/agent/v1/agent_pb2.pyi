@@ -33,6 +33,10 @@ class _RejectCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectCode
     QUANTITY_OVERFLOW: _RejectCode.ValueType  # 4
     TIMESTAMP_OUT_OF_RANGE: _RejectCode.ValueType  # 5
     INTERVAL_OUT_OF_RANGE: _RejectCode.ValueType  # 6
+    FORBIDDEN_RESOURCE: _RejectCode.ValueType  # 7
+    """The resource is outside the scope of the agent's credential."""
+    MALFORMED_RESOURCE_ID: _RejectCode.ValueType  # 8
+    """The resource id is empty, too long, or contains control characters."""
 
 class RejectCode(_RejectCode, metaclass=_RejectCodeEnumTypeWrapper): ...
 
@@ -43,6 +47,10 @@ NEGATIVE_QUANTITY: RejectCode.ValueType  # 3
 QUANTITY_OVERFLOW: RejectCode.ValueType  # 4
 TIMESTAMP_OUT_OF_RANGE: RejectCode.ValueType  # 5
 INTERVAL_OUT_OF_RANGE: RejectCode.ValueType  # 6
+FORBIDDEN_RESOURCE: RejectCode.ValueType  # 7
+"""The resource is outside the scope of the agent's credential."""
+MALFORMED_RESOURCE_ID: RejectCode.ValueType  # 8
+"""The resource id is empty, too long, or contains control characters."""
 Global___RejectCode: _TypeAlias = RejectCode  # noqa: Y015
 
 @_typing.final
