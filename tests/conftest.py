@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.kafka"]
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.kafka", "tests.fixtures.timescale"]
