@@ -28,10 +28,12 @@ from rating.catalog import (
     Meter,
     MeterKind,
     Plan,
+    PricingModel,
     RecurringCharge,
     Resource,
     Span,
     Subscription,
+    Tier,
     UsageCharge,
 )
 
@@ -186,6 +188,7 @@ def _line(
     usage_quantity: Fraction | None = None,
     included_quantity: Fraction | None = None,
     cap: Fraction | None = None,
+    tier: int | None = None,
 ) -> InvoiceLine:
     precise = truncate(amount)
     start, end = sp.service_period
@@ -208,6 +211,7 @@ def _line(
         usage_quantity=None if usage_quantity is None else truncate(usage_quantity),
         included_quantity=None if included_quantity is None else truncate(included_quantity),
         cap=None if cap is None else truncate(cap),
+        tier=tier,
     )
 
 
@@ -303,3 +307,155 @@ def usage_line(
         usage_quantity=used,
         included_quantity=included,
     )
+
+
+# -- pricing models (BILLING-SEMANTICS §5) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TierSlice:
+    """The part of a billable quantity priced at one tier."""
+
+    tier: int  # 1-based
+    lower: Fraction  # prorated bound the tier starts above
+    upper: Fraction | None  # prorated inclusive bound; None = unbounded
+    quantity: Fraction
+    unit_price: Fraction
+
+
+def prorated_bounds(tiers: Sequence[Tier], share: Fraction) -> list[Fraction | None]:
+    """Each tier's ``up_to`` x the active share (§5: tier bounds prorate like the fee)."""
+    return [None if t.up_to is None else fraction(t.up_to) * share for t in tiers]
+
+
+def graduated_slices(
+    billable: Fraction, bounds: Sequence[Fraction | None], prices: Sequence[Fraction]
+) -> list[TierSlice]:
+    """Every tier's share of ``billable``: units up to the first bound at its price, the
+    next ones at the next tier's, ... (U1). Tiers beyond the quantity get 0."""
+    slices: list[TierSlice] = []
+    lower = Fraction(0)
+    for i, (upper, price) in enumerate(zip(bounds, prices, strict=True)):
+        top = billable if upper is None else min(billable, upper)
+        slices.append(TierSlice(i + 1, lower, upper, max(Fraction(0), top - lower), price))
+        if upper is None:
+            break
+        lower = upper
+    return slices
+
+
+def volume_tier(billable: Fraction, bounds: Sequence[Fraction | None]) -> int:
+    """The 0-based tier the whole quantity falls in: the first whose (inclusive) bound
+    it does not exceed (U2: peak 6 with 1-4, 5+ -> the second)."""
+    for i, upper in enumerate(bounds):
+        if upper is None or billable <= upper:
+            return i
+    raise ChargeConfigurationError("the last tier must be unbounded")
+
+
+def package_blocks(billable: Fraction, size: Fraction) -> int:
+    """Started blocks: ceil(billable / size) (U4: 250.3 GB / 100 GB -> 3)."""
+    if size <= 0:
+        raise ChargeConfigurationError(f"package size {size} must be above 0")
+    blocks = billable / size
+    return -(-blocks.numerator // blocks.denominator)
+
+
+def usage_lines(
+    sp: SubscriptionPeriod, charge: UsageCharge, meter: Meter, total: UsageTotal
+) -> list[InvoiceLine]:
+    """The usage charge's lines under its pricing model: ``per_unit`` and ``volume`` and
+    ``package`` one line; ``graduated`` one line per tier (the first always, the others
+    when they hold quantity), keys ending in ``/tier-N``."""
+    if charge.model is PricingModel.PER_UNIT:
+        return [usage_line(sp, charge, meter, total)]
+    used = display_quantity(meter, total, sp.period)
+    share = sp.active_fraction
+    included = fraction(charge.included) * share
+    billable = billable_quantity(used, included)
+    unit = meter.display_unit
+    what = f"usage of {charge.meter}"
+    base = f"{sp.plan.name}: {meter.name}, {decimal_text(truncate(used, 6))} {unit} used"
+    if included:
+        base += f", {decimal_text(truncate(included, 6))} {unit} included"
+    if charge.model is PricingModel.PACKAGE:
+        if charge.package is None:
+            raise ChargeConfigurationError(f"plan {sp.plan.id!r}: {what} has no package")
+        price = sp.price(charge.package.prices, f"{what} (package price)")
+        size = fraction(charge.package.size)
+        blocks = package_blocks(billable, size)
+        size_text = f"{decimal_text(charge.package.size)} {unit}"
+        return [
+            _line(
+                sp,
+                key=sp.key("usage", meter.name),
+                kind=LineKind.USAGE,
+                description=f"{base}, {blocks} started blocks of {size_text}",
+                quantity=Fraction(blocks),
+                unit=f"block of {size_text}",
+                unit_price=price,
+                amount=price * blocks,
+                meter=meter.name,
+                usage_quantity=used,
+                included_quantity=included,
+            )
+        ]
+    if not charge.tiers:
+        raise ChargeConfigurationError(f"plan {sp.plan.id!r}: {what} has no tiers")
+    prices = [sp.price(t.unit_prices, f"{what} tier {i + 1}") for i, t in enumerate(charge.tiers)]
+    bounds = prorated_bounds(charge.tiers, share)
+    if charge.model is PricingModel.VOLUME:
+        i = volume_tier(billable, bounds)
+        return [
+            _line(
+                sp,
+                key=sp.key("usage", meter.name),
+                kind=LineKind.USAGE,
+                description=f"{base}, all {decimal_text(truncate(billable, 6))} {unit} at tier "
+                f"{i + 1}{_bound_text(bounds[i - 1] if i else None, bounds[i])}",
+                quantity=billable,
+                unit=unit,
+                unit_price=prices[i],
+                amount=billable * prices[i],
+                meter=meter.name,
+                usage_quantity=used,
+                included_quantity=included,
+                tier=i + 1,
+            )
+        ]
+    lines: list[InvoiceLine] = []
+    for piece in graduated_slices(billable, bounds, prices):
+        if piece.tier > 1 and piece.quantity == 0:
+            continue
+        lines.append(
+            _line(
+                sp,
+                key=sp.key("usage", f"{meter.name}/tier-{piece.tier}"),
+                kind=LineKind.USAGE,
+                description=f"{base}; tier {piece.tier}"
+                f"{_bound_text(piece.lower if piece.tier > 1 else None, piece.upper)}",
+                quantity=piece.quantity,
+                unit=unit,
+                unit_price=piece.unit_price,
+                amount=piece.quantity * piece.unit_price,
+                meter=meter.name,
+                usage_quantity=used,
+                included_quantity=included,
+                tier=piece.tier,
+            )
+        )
+    return lines
+
+
+def _bound_text(lower: Fraction | None, upper: Fraction | None) -> str:
+    def text(value: Fraction) -> str:
+        return decimal_text(truncate(value, 6))
+
+    if lower is None and upper is None:
+        return ""
+    if lower is None:
+        assert upper is not None
+        return f" (up to {text(upper)})"
+    if upper is None:
+        return f" (above {text(lower)})"
+    return f" (above {text(lower)} up to {text(upper)})"

@@ -12,10 +12,13 @@ twice (a DST fold, e.g. America/Havana on 2026-11-01) starts the day at its firs
 
 from __future__ import annotations
 
+import calendar
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from rating.catalog import Account, BillingPeriod, PeriodPolicy, TimezoneChange
 
 _MICROSECONDS_PER_SECOND = 1_000_000
 _MIN_YEAR, _MAX_YEAR = 1900, 9998
@@ -178,3 +181,140 @@ def format_instant(instant: datetime) -> str:
     """ISO 8601 in UTC with a ``Z``: ``2026-09-30T22:00:00Z`` (microseconds only if any)."""
     text = to_utc("instant", instant).replace(tzinfo=None).isoformat()
     return f"{text}Z"
+
+
+# -- billing-period policies (BILLING-SEMANTICS §2) -------------------------------------------
+#
+# Every policy gives each calendar month (y, m) one *boundary*: a local date at whose midnight
+# a period starts. Boundaries increase strictly from month to month, so consecutive
+# boundaries tile time. A period is *labelled* by the month that holds its last local day
+# (``--period 2026-10`` closes the period whose last day is in October): exactly one period
+# per month for every policy, and the calendar month keeps its own name.
+
+
+def _last_day(year: int, month: int) -> int:
+    return calendar.monthrange(year, month)[1]
+
+
+def _add_months(year: int, month: int, delta: int) -> tuple[int, int]:
+    index = year * 12 + (month - 1) + delta
+    return index // 12, index % 12 + 1
+
+
+def month_boundary(policy: BillingPeriod, year: int, month: int) -> date:
+    """The local date a period starts on, the one boundary ``policy`` puts in (or right
+    after) month ``year-month``. Days beyond a month's length clamp to its last day."""
+    last = _last_day(year, month)
+    if policy.policy is PeriodPolicy.CALENDAR_MONTH:
+        return date(year, month, 1)
+    if policy.policy is PeriodPolicy.MONTH_END_DAY:
+        if policy.day is None:
+            raise PeriodError("month_end_day policy without a day")
+        return date(year, month, min(policy.day, last)) + timedelta(days=1)
+    if policy.policy is PeriodPolicy.DAYS_BEFORE_MONTH_END:
+        if policy.days is None:
+            raise PeriodError("days_before_month_end policy without days")
+        return date(year, month, last) - timedelta(days=policy.days - 1)
+    if policy.policy is PeriodPolicy.ANNIVERSARY:
+        if policy.anchor is None:
+            raise PeriodError(
+                "anniversary policy without an anchor (no subscription and no explicit anchor)"
+            )
+        return date(year, month, min(policy.anchor.day, last))
+    raise PeriodError(f"unknown billing-period policy {policy.policy!r}")
+
+
+def _boundary_index_of_label(policy: BillingPeriod, year: int, month: int) -> tuple[int, int]:
+    """The month whose boundary *ends* the period labelled ``year-month``."""
+    for candidate in ((year, month), _add_months(year, month, 1)):
+        last_day = month_boundary(policy, *candidate) - timedelta(days=1)
+        if (last_day.year, last_day.month) == (year, month):
+            return candidate
+    raise PeriodError(f"no period of policy {policy.policy.value} ends in {year:04d}-{month:02d}")
+
+
+@dataclass(frozen=True, slots=True)
+class BillingSchedule:
+    """An account's periods: its policy and its timezone history.
+
+    A timezone change takes effect from the period labelled ``year-month``: each period's
+    *end* is computed in the timezone of its own label and its *start* is the previous
+    period's end, so the tiling never has a gap or an overlap across a change.
+    """
+
+    policy: BillingPeriod
+    timezone: str
+    changes: tuple[TimezoneChange, ...] = ()
+
+    @classmethod
+    def of(cls, account: Account) -> BillingSchedule:
+        """The account's schedule. An anniversary account with neither an anchor nor a
+        subscription (nothing to bill) is given calendar months."""
+        policy = account.billing_period
+        if policy.policy is PeriodPolicy.ANNIVERSARY and policy.anchor is None:
+            policy = BillingPeriod()
+        return cls(policy, account.timezone, account.timezone_changes)
+
+    def timezone_of(self, year: int, month: int) -> str:
+        tz = self.timezone
+        for change in sorted(self.changes, key=lambda c: (c.year, c.month)):
+            if (change.year, change.month) <= (year, month):
+                tz = change.timezone
+        return tz
+
+    def _end(self, year: int, month: int) -> datetime:
+        boundary = _boundary_index_of_label(self.policy, year, month)
+        return local_day_start(
+            month_boundary(self.policy, *boundary), self.timezone_of(year, month)
+        )
+
+    def period(self, year: int, month: int) -> Period:
+        """The period labelled ``year-month`` (the one whose last local day is in it)."""
+        if not 1 <= month <= 12:
+            raise PeriodError(f"month {month} is out of range 1..12")
+        if not _MIN_YEAR < year < _MAX_YEAR:
+            raise PeriodError(f"year {year} is out of range {_MIN_YEAR + 1}..{_MAX_YEAR - 1}")
+        start = self._end(*_add_months(year, month, -1))
+        return Period(start, self._end(year, month), self.timezone_of(year, month))
+
+    def label_of(self, instant: datetime) -> tuple[int, int]:
+        """The label of the period containing ``instant``."""
+        instant = to_utc("instant", instant)
+        year, month = instant.year, instant.month
+        for delta in (-1, 0, 1, 2):
+            label = _add_months(year, month, delta)
+            period = self.period(*label)
+            if period.start <= instant < period.end:
+                return label
+        raise PeriodError(f"no period contains {format_instant(instant)}")  # pragma: no cover
+
+    def containing(self, instant: datetime) -> Period:
+        """The period containing ``instant`` (half-open: an end belongs to the next one)."""
+        return self.period(*self.label_of(instant))
+
+    def tiling(self, start: datetime, end: datetime) -> list[Period]:
+        """The consecutive periods covering [start, end), in order."""
+        start, end = to_utc("start", start), to_utc("end", end)
+        if not start < end:
+            return []
+        label = self.label_of(start)
+        periods: list[Period] = []
+        while True:
+            period = self.period(*label)
+            periods.append(period)
+            if period.end >= end:
+                return periods
+            label = _add_months(*label, 1)
+
+
+def period_label(period: Period) -> tuple[int, int]:
+    """The label of a period computed by a ``BillingSchedule``: the month holding its last
+    local day (in the period's own timezone). ``BillingSchedule.period(*period_label(p)) == p``.
+    """
+    last_day = period.local_end_date - timedelta(days=1)
+    return last_day.year, last_day.month
+
+
+def account_period(account: Account, year: int, month: int) -> Period:
+    """The account's period labelled ``year-month`` under its policy and timezone history."""
+    return BillingSchedule.of(account).period(year, month)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -57,13 +57,51 @@ class HourlyCharge:
     caps: Mapping[str, Decimal] = field(default_factory=dict)  # currency -> cap per period
 
 
+class PricingModel(StrEnum):
+    PER_UNIT = "per_unit"  # every billable unit at unit_price
+    GRADUATED = "graduated"  # each unit at the price of the tier it falls in (a line per tier)
+    VOLUME = "volume"  # every unit at the price of the tier the total falls in
+    PACKAGE = "package"  # a price per started block of ``size`` units
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """Units up to ``up_to`` (display units, after the allowance; None = unbounded)."""
+
+    up_to: Decimal | None
+    unit_prices: Mapping[str, Decimal]  # currency -> price per display unit
+
+
+@dataclass(frozen=True, slots=True)
+class Package:
+    size: Decimal  # display units per block
+    prices: Mapping[str, Decimal]  # currency -> price per started block
+
+
 @dataclass(frozen=True, slots=True)
 class UsageCharge:
-    """Per meter: an included allowance per period, then a price per display unit."""
+    """Per meter: an included allowance per period, then a pricing model.
+
+    ``unit_prices`` is used by ``per_unit``; ``tiers`` by ``graduated`` and ``volume``
+    (strictly increasing bounds, the last unbounded); ``package`` by ``package``.
+    """
 
     meter: str
-    unit_prices: Mapping[str, Decimal]  # currency -> price per display unit
+    unit_prices: Mapping[str, Decimal]  # currency -> price per display unit (per_unit)
     included: Decimal = Decimal(0)  # display units per period
+    model: PricingModel = PricingModel.PER_UNIT
+    tiers: tuple[Tier, ...] = ()
+    package: Package | None = None
+
+    def currencies(self) -> frozenset[str]:
+        """Currencies in which this charge has every price it needs."""
+        if self.model is PricingModel.PACKAGE:
+            return frozenset(self.package.prices) if self.package is not None else frozenset()
+        if self.model in (PricingModel.GRADUATED, PricingModel.VOLUME):
+            if not self.tiers:
+                return frozenset()
+            return frozenset.intersection(*(frozenset(t.unit_prices) for t in self.tiers))
+        return frozenset(self.unit_prices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +119,76 @@ class Plan:
             sets.append(frozenset(self.recurring.fees))
         if self.hourly is not None:
             sets.append(frozenset(self.hourly.rates))
-        sets.extend(frozenset(u.unit_prices) for u in self.usage)
+        sets.extend(u.currencies() for u in self.usage)
         if not sets:
             return frozenset()
         return frozenset.intersection(*sets)
+
+
+class PeriodPolicy(StrEnum):
+    CALENDAR_MONTH = "calendar_month"  # [1st, next 1st)
+    MONTH_END_DAY = "month_end_day"  # the last day of a period is ``day`` (clamped)
+    DAYS_BEFORE_MONTH_END = "days_before_month_end"  # ``days`` days after it end the month
+    ANNIVERSARY = "anniversary"  # periods start on the anchor's day of month (clamped)
+
+
+@dataclass(frozen=True, slots=True)
+class BillingPeriod:
+    """An account's billing-period policy (BILLING-SEMANTICS §2).
+
+    ``day``: month_end_day (1..31); ``days``: days_before_month_end (0..27); ``anchor``:
+    anniversary, the local date periods are anchored at (None until resolved from the
+    account's earliest subscription start by the catalog loader).
+    """
+
+    policy: PeriodPolicy = PeriodPolicy.CALENDAR_MONTH
+    day: int | None = None
+    days: int | None = None
+    anchor: date | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimezoneChange:
+    """From the period labelled ``year-month`` on, the account's periods are in ``timezone``."""
+
+    year: int
+    month: int
+    timezone: str
+
+
+class TaxKind(StrEnum):
+    RATE = "rate"  # a jurisdiction's rate in percent
+    REVERSE_CHARGE = "reverse_charge"  # EU B2B: 0 % with a note on the invoice
+    EXEMPT = "exempt"  # no tax
+
+
+@dataclass(frozen=True, slots=True)
+class TaxProfile:
+    kind: TaxKind
+    rate: Decimal = Decimal(0)  # percent, e.g. 19
+    jurisdiction: str | None = None
+    line_level_rounding: bool = False  # round the tax of each line instead of once per rate
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """Custom contract prices for one plan, for one account: each given charge replaces the
+    plan's charge of the same kind (usage: of the same meter)."""
+
+    plan_id: str
+    recurring: RecurringCharge | None = None
+    hourly: HourlyCharge | None = None
+    usage: tuple[UsageCharge, ...] = ()
+
+    def apply(self, plan: Plan) -> Plan:
+        by_meter = {u.meter: u for u in self.usage}
+        return Plan(
+            plan.id,
+            plan.name,
+            self.recurring if self.recurring is not None else plan.recurring,
+            self.hourly if self.hourly is not None else plan.hourly,
+            tuple(by_meter.get(u.meter, u) for u in plan.usage),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +197,16 @@ class Account:
     name: str
     currency: str
     timezone: str  # IANA name; used only to compute period boundaries
+    billing_period: BillingPeriod = field(default_factory=BillingPeriod)
+    timezone_changes: tuple[TimezoneChange, ...] = ()  # sorted by (year, month)
+    tax: TaxProfile | None = None  # None: no tax lines at all
+    price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)  # by plan id
+    commitment: Mapping[str, Decimal] = field(default_factory=dict)  # currency -> minimum
+
+    def plan_for(self, plan: Plan) -> Plan:
+        """``plan`` with this account's contract prices applied."""
+        override = self.price_overrides.get(plan.id)
+        return plan if override is None else override.apply(plan)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +234,37 @@ class Resource:
     spans: tuple[Span, ...] = ()
 
 
+class DiscountKind(StrEnum):
+    PERCENTAGE = "percentage"
+    FIXED = "fixed"
+
+
+class ChargeKind(StrEnum):
+    RECURRING = "recurring"
+    HOURLY = "hourly"
+    USAGE = "usage"
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A discount (BILLING-SEMANTICS §6): applies in the periods that start in
+    [start, end), to the charge lines its scope matches, of the accounts it names (all when
+    empty), for the first ``first_periods`` periods of a subscription when set."""
+
+    id: str
+    name: str
+    kind: DiscountKind
+    percent: Decimal = Decimal(0)  # percentage campaigns
+    amounts: Mapping[str, Decimal] = field(default_factory=dict)  # fixed: currency -> amount
+    start: datetime | None = None
+    end: datetime | None = None
+    plan_id: str | None = None
+    charge: ChargeKind | None = None
+    meter: str | None = None
+    accounts: tuple[str, ...] = ()
+    first_periods: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Catalog:
     meters: Mapping[str, Meter]
@@ -127,3 +272,4 @@ class Catalog:
     accounts: Mapping[str, Account]
     subscriptions: Mapping[str, Subscription]
     resources: Mapping[str, Resource]
+    campaigns: Mapping[str, Campaign] = field(default_factory=dict)

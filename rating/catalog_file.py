@@ -18,8 +18,27 @@ The format (every key not listed is an error; money is quoted)::
         hourly: {rate: {EUR: "0.0070"}, cap: {EUR: "4.15"}}
         usage:
           - {meter: net.egress.bytes, included: "1000", unit_price: {EUR: "0.0100"}}
+          - meter: ipv4.count           # model: per_unit (default) | graduated | volume | package
+            model: volume
+            tiers:                      # strictly increasing, last unbounded, same currencies
+              - {up_to: "4", unit_price: {EUR: "1.50"}}
+              - {up_to: null, unit_price: {EUR: "1.20"}}
+          - {meter: storage.block.bytes, model: package,
+             package: {size: "100", price: {EUR: "5.00"}}}
     accounts:
       - {id: acme, name: ACME GmbH, currency: EUR, timezone: Europe/Berlin}
+      - id: initech
+        name: Initech
+        currency: EUR
+        timezone: Europe/Berlin
+        billing_period: {policy: month_end_day, day: "25"}   # calendar_month (default),
+                        # days_before_month_end (days), anniversary (optional anchor: date)
+        timezone_changes: [{from_period: "2027-01", timezone: America/New_York}]
+        tax: {kind: rate, rate: "19", jurisdiction: DE}      # or reverse_charge, exempt;
+                                                             # line_level_rounding: "true"
+        commitment: {EUR: "50.00"}                           # minimum per period
+        price_overrides:                                     # contract prices for a plan
+          - {plan: vps-s, hourly: {rate: {EUR: "0.0050"}, cap: {EUR: "3.00"}}}
     subscriptions:
       - {id: acme-vps-1, account: acme, plan: vps-s, start: "2026-10-11T00:00:00+02:00"}
     resources:
@@ -28,6 +47,10 @@ The format (every key not listed is an error; money is quoted)::
         kind: server
         spans:
           - {start: "2026-10-03T10:20:00Z", end: "2026-10-05T08:10:00Z"}
+    campaigns:
+      - {id: launch, name: Launch, kind: percentage, percent: "20",   # or fixed + amount
+         from: "2026-01-01T00:00:00Z", to: null, first_periods: "3",
+         scope: {plan: vps-s, charge: usage, meter: net.egress.bytes}, accounts: [acme]}
 
 Durations are ``<n>d``, ``<n>h``, ``<n>m``, ``<n>s`` or a combination in that order
 (``1h30m``). Instants are ISO 8601 with an explicit offset or ``Z`` (a naive instant is an
@@ -44,8 +67,8 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,15 +80,27 @@ from rating.catalog import (
     DEFAULT_GRACE,
     DEFAULT_MAX_LATENESS,
     Account,
+    BillingPeriod,
+    Campaign,
     Catalog,
+    ChargeKind,
+    DiscountKind,
     HourlyCharge,
     Meter,
     MeterKind,
+    Package,
+    PeriodPolicy,
     Plan,
+    PriceOverride,
+    PricingModel,
     RecurringCharge,
     Resource,
     Span,
     Subscription,
+    TaxKind,
+    TaxProfile,
+    Tier,
+    TimezoneChange,
     UsageCharge,
 )
 from rating.money import UnknownCurrencyError, exponent
@@ -80,8 +115,15 @@ _DECIMAL = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 _ID = re.compile(r"[^\s\x00-\x1f\x7f]+")
+_MONTH = re.compile(r"([0-9]{4})-([0-9]{2})")
+_PRICE_KEY = {
+    PricingModel.PER_UNIT: "unit_price",
+    PricingModel.GRADUATED: "tiers",
+    PricingModel.VOLUME: "tiers",
+    PricingModel.PACKAGE: "package.price",
+}
 
-_SECTIONS = ("meters", "plans", "accounts", "subscriptions", "resources")
+_SECTIONS = ("meters", "plans", "accounts", "subscriptions", "resources", "campaigns")
 
 _T = TypeVar("_T")
 
@@ -387,6 +429,22 @@ class _Parser:
                 prices[currency] = number
         return prices if ok else None
 
+    def exact_money(self, value: object, path: str, what: str) -> dict[str, Decimal] | None:
+        """Like ``money``, but at most the currency's own decimals (an amount, not a price)."""
+        amounts = self.money(value, path, what)
+        if amounts is None:
+            return None
+        ok = True
+        for currency, amount in amounts.items():
+            places = -amount.as_tuple().exponent  # type: ignore[operator]
+            if places > exponent(currency):
+                self.problem(
+                    _join(path, currency),
+                    f"{amount} has more decimals than {currency} has ({exponent(currency)})",
+                )
+                ok = False
+        return amounts if ok else None
+
     def unique(self, ids: list[tuple[str, str]], what: str) -> None:
         first: dict[str, str] = {}
         for path, ident in ids:
@@ -414,7 +472,12 @@ class _Parser:
         }
         meters = self.section(sections["meters"], "meters", "name", self.meter)
         plans = self.section(sections["plans"], "plans", "id", lambda v, p: self.plan(v, p, meters))
-        accounts = self.section(sections["accounts"], "accounts", "id", self.account)
+        accounts = self.section(
+            sections["accounts"],
+            "accounts",
+            "id",
+            lambda v, p: self.account(v, p, plans, meters),
+        )
         subscriptions = self.section(
             sections["subscriptions"],
             "subscriptions",
@@ -427,14 +490,26 @@ class _Parser:
             "id",
             lambda v, p: self.resource(v, p, subscriptions),
         )
+        campaigns = self.section(
+            sections["campaigns"],
+            "campaigns",
+            "id",
+            lambda v, p: self.campaign(v, p, plans, meters, accounts),
+        )
         if self.problems:
             raise CatalogError(self.problems)
+        live_subscriptions = {k: v for k, v in subscriptions.items() if v is not None}
         return Catalog(
             meters={k: v for k, v in meters.items() if v is not None},
             plans={k: v for k, v in plans.items() if v is not None},
-            accounts={k: v for k, v in accounts.items() if v is not None},
-            subscriptions={k: v for k, v in subscriptions.items() if v is not None},
+            accounts={
+                k: _resolve_anchor(v, live_subscriptions.values())
+                for k, v in accounts.items()
+                if v is not None
+            },
+            subscriptions=live_subscriptions,
             resources={k: v for k, v in resources.items() if v is not None},
+            campaigns={k: v for k, v in campaigns.items() if v is not None},
         )
 
     def section(
@@ -514,8 +589,22 @@ class _Parser:
             return None
         ident = self.ident(p["id"], _join(path, "id")) if "id" in p else None
         name = self.string(p["name"], _join(path, "name")) if "name" in p else None
-        ok = ident is not None and name is not None
+        charges = self.charges(p, path, meters)
+        if charges is None or ident is None or name is None:
+            return None
+        recurring, hourly, usage = charges
+        return Plan(ident, name, recurring, hourly, usage)
 
+    def charges(
+        self,
+        p: Mapping[str, object],
+        path: str,
+        meters: Mapping[str, Meter | None],
+        allowed_meters: Mapping[str, object] | None = None,
+    ) -> tuple[RecurringCharge | None, HourlyCharge | None, tuple[UsageCharge, ...]] | None:
+        """The ``recurring``, ``hourly`` and ``usage`` keys of a plan (or a price override,
+        whose usage may name only ``allowed_meters``); None when any is invalid."""
+        ok = True
         recurring: RecurringCharge | None = None
         if not _is_null(p.get("recurring")):
             rpath = _join(path, "recurring")
@@ -553,42 +642,183 @@ class _Parser:
         first_of_meter: dict[str, str] = {}
         for i, entry in enumerate(self.items(p.get("usage"), _join(path, "usage"))):
             upath = f"{_join(path, 'usage')}[{i}]"
-            u = self.mapping(entry, upath, ("meter", "unit_price"), ("included",))
-            if u is None:
+            charge = self.usage_charge(entry, upath, meters, first_of_meter, allowed_meters)
+            if charge is None:
                 ok = False
-                continue
-            meter = self.ident(u["meter"], _join(upath, "meter")) if "meter" in u else None
-            if meter is not None:
-                if meter in first_of_meter:
+            else:
+                usage.append(charge)
+        return (recurring, hourly, tuple(usage)) if ok else None
+
+    def usage_charge(
+        self,
+        entry: object,
+        upath: str,
+        meters: Mapping[str, Meter | None],
+        first_of_meter: dict[str, str],
+        allowed_meters: Mapping[str, object] | None,
+    ) -> UsageCharge | None:
+        u = self.mapping(
+            entry, upath, ("meter",), ("unit_price", "included", "model", "tiers", "package")
+        )
+        if u is None:
+            return None
+        meter = self.ident(u["meter"], _join(upath, "meter")) if "meter" in u else None
+        if meter is not None:
+            if meter in first_of_meter:
+                self.problem(
+                    _join(upath, "meter"),
+                    f"meter {meter!r} is charged twice in this plan "
+                    f"(first at {first_of_meter[meter]})",
+                )
+                meter = None
+            else:
+                first_of_meter[meter] = upath
+                if not self.reference(meter, _join(upath, "meter"), meters, "meter"):
+                    meter = None
+                elif allowed_meters is not None and meter not in allowed_meters:
                     self.problem(
                         _join(upath, "meter"),
-                        f"meter {meter!r} is charged twice in this plan "
-                        f"(first at {first_of_meter[meter]})",
+                        f"the plan does not charge meter {meter!r} (an override can only "
+                        "change the price of a charge the plan has)",
                     )
                     meter = None
-                else:
-                    first_of_meter[meter] = upath
-                    if not self.reference(meter, _join(upath, "meter"), meters, "meter"):
-                        meter = None
-            prices = (
-                self.money(u["unit_price"], _join(upath, "unit_price"), "unit price")
-                if "unit_price" in u
-                else None
-            )
-            included: Decimal | None = Decimal(0)
-            if not _is_null(u.get("included")):
-                included = self.decimal(u["included"], _join(upath, "included"), "allowance")
-            if meter is None or prices is None or included is None:
+        model = PricingModel.PER_UNIT
+        if not _is_null(u.get("model")):
+            text = self.string(u["model"], _join(upath, "model"))
+            try:
+                model = PricingModel(text or "")
+            except ValueError:
+                choices = [k.value for k in PricingModel]
+                self.problem(
+                    _join(upath, "model"),
+                    f"unknown pricing model {text!r} (expected one of: {', '.join(choices)})",
+                )
+                return None
+        ok = True
+        uses = {
+            PricingModel.PER_UNIT: "unit_price",
+            PricingModel.GRADUATED: "tiers",
+            PricingModel.VOLUME: "tiers",
+            PricingModel.PACKAGE: "package",
+        }
+        needed = uses[model]
+        for key in ("unit_price", "tiers", "package"):
+            present = not _is_null(u.get(key))
+            if key == needed and not present:
+                self.problem(upath, f"model {model.value} needs {key!r}")
+                ok = False
+            elif key != needed and present:
+                self.problem(
+                    _join(upath, key), f"not used by model {model.value} (it uses {needed!r})"
+                )
+                ok = False
+        prices: dict[str, Decimal] | None = {}
+        tiers: tuple[Tier, ...] = ()
+        package: Package | None = None
+        if ok and needed == "unit_price":
+            prices = self.money(u["unit_price"], _join(upath, "unit_price"), "unit price")
+        elif ok and needed == "tiers":
+            parsed = self.tiers(u["tiers"], _join(upath, "tiers"))
+            ok = parsed is not None
+            tiers = parsed or ()
+        elif ok:
+            package = self.package(u["package"], _join(upath, "package"))
+            ok = package is not None
+        included: Decimal | None = Decimal(0)
+        if not _is_null(u.get("included")):
+            included = self.decimal(u["included"], _join(upath, "included"), "allowance")
+        if not ok or meter is None or prices is None or included is None:
+            return None
+        return UsageCharge(meter, prices, included, model, tiers, package)
+
+    def tiers(self, value: object, path: str) -> tuple[Tier, ...] | None:
+        entries = self.items(value, path)
+        if not entries:
+            self.problem(path, "no tiers given")
+            return None
+        tiers: list[Tier] = []
+        ok = True
+        previous: Decimal | None = None
+        currencies: frozenset[str] | None = None
+        for i, entry in enumerate(entries):
+            tpath = f"{path}[{i}]"
+            t = self.mapping(entry, tpath, ("up_to", "unit_price"))
+            if t is None:
                 ok = False
                 continue
-            usage.append(UsageCharge(meter, prices, included))
+            last = i == len(entries) - 1
+            up_to: Decimal | None = None
+            if "up_to" in t and not _is_null(t["up_to"]):
+                up_to = self.decimal(t["up_to"], _join(tpath, "up_to"), "tier bound")
+                if up_to is None:
+                    ok = False
+                elif last:
+                    self.problem(
+                        _join(tpath, "up_to"),
+                        f"the last tier must be unbounded (up_to: null), not {up_to}",
+                    )
+                    ok = False
+                elif previous is not None and up_to <= previous:
+                    self.problem(
+                        _join(tpath, "up_to"), f"tiers out of order: {up_to} after {previous}"
+                    )
+                    ok = False
+                elif up_to == 0:
+                    self.problem(_join(tpath, "up_to"), "a tier bound must be above 0")
+                    ok = False
+                else:
+                    previous = up_to
+            elif not last:
+                self.problem(
+                    _join(tpath, "up_to"), "only the last tier may be unbounded (up_to: null)"
+                )
+                ok = False
+            prices = (
+                self.money(t["unit_price"], _join(tpath, "unit_price"), "unit price")
+                if "unit_price" in t
+                else None
+            )
+            if prices is None:
+                ok = False
+                continue
+            if currencies is None:
+                currencies = frozenset(prices)
+            elif frozenset(prices) != currencies:
+                self.problem(
+                    _join(tpath, "unit_price"),
+                    f"priced in {', '.join(sorted(prices))} but the first tier in "
+                    f"{', '.join(sorted(currencies))} (every tier needs every currency)",
+                )
+                ok = False
+            tiers.append(Tier(up_to, prices))
+        return tuple(tiers) if ok else None
 
-        if not ok or ident is None or name is None:
+    def package(self, value: object, path: str) -> Package | None:
+        m = self.mapping(value, path, ("size", "price"))
+        if m is None:
             return None
-        return Plan(ident, name, recurring, hourly, tuple(usage))
+        size = self.decimal(m["size"], _join(path, "size"), "package size") if "size" in m else None
+        if size is not None and size == 0:
+            self.problem(_join(path, "size"), "a package size must be above 0")
+            size = None
+        prices = self.money(m["price"], _join(path, "price"), "price") if "price" in m else None
+        if size is None or prices is None:
+            return None
+        return Package(size, prices)
 
-    def account(self, value: object, path: str) -> Account | None:
-        a = self.mapping(value, path, ("id", "name", "currency", "timezone"))
+    def account(
+        self,
+        value: object,
+        path: str,
+        plans: Mapping[str, Plan | None] | None = None,
+        meters: Mapping[str, Meter | None] | None = None,
+    ) -> Account | None:
+        a = self.mapping(
+            value,
+            path,
+            ("id", "name", "currency", "timezone"),
+            ("billing_period", "timezone_changes", "tax", "price_overrides", "commitment"),
+        )
         if a is None:
             return None
         ident = self.ident(a["id"], _join(path, "id")) if "id" in a else None
@@ -596,18 +826,387 @@ class _Parser:
         currency = (
             self.currency(a["currency"], _join(path, "currency")) if "currency" in a else None
         )
-        timezone: str | None = None
-        if "timezone" in a:
-            timezone = self.string(a["timezone"], _join(path, "timezone"))
-            if timezone is not None and not _valid_timezone(timezone):
+        timezone = (
+            self.timezone(a["timezone"], _join(path, "timezone")) if "timezone" in a else None
+        )
+        ok = True
+        billing_period: BillingPeriod | None = BillingPeriod()
+        if not _is_null(a.get("billing_period")):
+            billing_period = self.billing_period(a["billing_period"], _join(path, "billing_period"))
+        changes: list[TimezoneChange] = []
+        for i, entry in enumerate(
+            self.items(a.get("timezone_changes"), _join(path, "timezone_changes"))
+        ):
+            change = self.timezone_change(entry, f"{_join(path, 'timezone_changes')}[{i}]")
+            if change is None:
+                ok = False
+            elif changes and (change.year, change.month) <= (changes[-1].year, changes[-1].month):
                 self.problem(
-                    _join(path, "timezone"),
-                    f"unknown IANA timezone {timezone!r} (like Europe/Berlin or UTC)",
+                    f"{_join(path, 'timezone_changes')}[{i}].from_period",
+                    "timezone changes must be in increasing order of from_period",
                 )
-                timezone = None
-        if ident is None or name is None or currency is None or timezone is None:
+                ok = False
+            else:
+                changes.append(change)
+        tax: TaxProfile | None = None
+        if not _is_null(a.get("tax")):
+            tax = self.tax_profile(a["tax"], _join(path, "tax"))
+            ok = ok and tax is not None
+        commitment: dict[str, Decimal] | None = {}
+        if not _is_null(a.get("commitment")):
+            cpath = _join(path, "commitment")
+            commitment = self.exact_money(a["commitment"], cpath, "commitment")
+            if commitment is not None and currency is not None and currency not in commitment:
+                self.problem(cpath, f"no {currency} amount (the account is billed in {currency})")
+                commitment = None
+        overrides: dict[str, PriceOverride] = {}
+        opath = _join(path, "price_overrides")
+        for i, entry in enumerate(self.items(a.get("price_overrides"), opath)):
+            override = self.price_override(
+                entry, f"{opath}[{i}]", plans or {}, meters or {}, currency
+            )
+            if override is None:
+                ok = False
+            elif override.plan_id in overrides:
+                self.problem(f"{opath}[{i}].plan", f"plan {override.plan_id!r} is overridden twice")
+                ok = False
+            else:
+                overrides[override.plan_id] = override
+        if (
+            not ok
+            or ident is None
+            or name is None
+            or currency is None
+            or timezone is None
+            or billing_period is None
+            or commitment is None
+        ):
             return None
-        return Account(ident, name, currency, timezone)
+        return Account(
+            ident,
+            name,
+            currency,
+            timezone,
+            billing_period,
+            tuple(changes),
+            tax,
+            overrides,
+            commitment,
+        )
+
+    def timezone(self, value: object, path: str) -> str | None:
+        timezone = self.string(value, path)
+        if timezone is not None and not _valid_timezone(timezone):
+            self.problem(path, f"unknown IANA timezone {timezone!r} (like Europe/Berlin or UTC)")
+            return None
+        return timezone
+
+    def small_int(self, value: object, path: str, lo: int, hi: int) -> int | None:
+        text = self.string(value, path)
+        if text is None:
+            return None
+        if not _INTEGER.fullmatch(text) or not lo <= int(text) <= hi:
+            self.problem(path, f"expected a whole number from {lo} to {hi}, got {text!r}")
+            return None
+        return int(text)
+
+    def billing_period(self, value: object, path: str) -> BillingPeriod | None:
+        m = self.mapping(value, path, ("policy",), ("day", "days", "anchor"))
+        if m is None or "policy" not in m:
+            return None
+        text = self.string(m["policy"], _join(path, "policy"))
+        try:
+            policy = PeriodPolicy(text or "")
+        except ValueError:
+            choices = [k.value for k in PeriodPolicy]
+            self.problem(
+                _join(path, "policy"),
+                f"unknown billing-period policy {text!r} (expected one of: {', '.join(choices)})",
+            )
+            return None
+        needs = {
+            PeriodPolicy.CALENDAR_MONTH: (),
+            PeriodPolicy.MONTH_END_DAY: ("day",),
+            PeriodPolicy.DAYS_BEFORE_MONTH_END: ("days",),
+            PeriodPolicy.ANNIVERSARY: (),
+        }[policy]
+        optional = ("anchor",) if policy is PeriodPolicy.ANNIVERSARY else ()
+        ok = True
+        for key in ("day", "days", "anchor"):
+            if key in m and key not in needs and key not in optional:
+                self.problem(_join(path, key), f"not used by policy {policy.value}")
+                ok = False
+            elif key in needs and key not in m:
+                self.problem(path, f"policy {policy.value} needs {key!r}")
+                ok = False
+        if not ok:
+            return None
+        day = days = None
+        anchor: date | None = None
+        if "day" in m:
+            day = self.small_int(m["day"], _join(path, "day"), 1, 31)
+            if day is None:
+                return None
+        if "days" in m:
+            days = self.small_int(m["days"], _join(path, "days"), 0, 27)
+            if days is None:
+                return None
+        if "anchor" in m and not _is_null(m["anchor"]):
+            text = self.string(m["anchor"], _join(path, "anchor"))
+            try:
+                anchor = date.fromisoformat(text or "")
+            except ValueError:
+                self.problem(_join(path, "anchor"), f"not a date (YYYY-MM-DD): {text!r}")
+                return None
+        return BillingPeriod(policy, day, days, anchor)
+
+    def timezone_change(self, value: object, path: str) -> TimezoneChange | None:
+        m = self.mapping(value, path, ("from_period", "timezone"))
+        if m is None or "from_period" not in m or "timezone" not in m:
+            return None
+        text = self.string(m["from_period"], _join(path, "from_period"))
+        match = _MONTH.fullmatch(text or "")
+        if match is None or not 1 <= int(match[2]) <= 12:
+            self.problem(_join(path, "from_period"), f"not a period label YYYY-MM: {text!r}")
+            return None
+        timezone = self.timezone(m["timezone"], _join(path, "timezone"))
+        if timezone is None:
+            return None
+        return TimezoneChange(int(match[1]), int(match[2]), timezone)
+
+    def tax_profile(self, value: object, path: str) -> TaxProfile | None:
+        m = self.mapping(value, path, ("kind",), ("rate", "jurisdiction", "line_level_rounding"))
+        if m is None or "kind" not in m:
+            return None
+        text = self.string(m["kind"], _join(path, "kind"))
+        try:
+            kind = TaxKind(text or "")
+        except ValueError:
+            choices = [k.value for k in TaxKind]
+            self.problem(
+                _join(path, "kind"),
+                f"unknown tax kind {text!r} (expected one of: {', '.join(choices)})",
+            )
+            return None
+        rate = Decimal(0)
+        if kind is TaxKind.RATE:
+            if "rate" not in m:
+                self.problem(path, "tax kind rate needs 'rate' (percent, e.g. \"19\")")
+                return None
+            parsed = self.decimal(m["rate"], _join(path, "rate"), "tax rate")
+            if parsed is None:
+                return None
+            if parsed > 100:
+                self.problem(_join(path, "rate"), f"a tax rate is a percentage, not {parsed}")
+                return None
+            rate = parsed
+        elif "rate" in m:
+            self.problem(_join(path, "rate"), f"no rate for tax kind {kind.value} (it is 0 %)")
+            return None
+        jurisdiction = (
+            self.string(m["jurisdiction"], _join(path, "jurisdiction"))
+            if not _is_null(m.get("jurisdiction"))
+            else None
+        )
+        line_level = False
+        if not _is_null(m.get("line_level_rounding")):
+            flag = self.string(m["line_level_rounding"], _join(path, "line_level_rounding"))
+            if flag not in ("true", "false"):
+                self.problem(
+                    _join(path, "line_level_rounding"), f"expected true or false, got {flag!r}"
+                )
+                return None
+            line_level = flag == "true"
+        return TaxProfile(kind, rate, jurisdiction, line_level)
+
+    def price_override(
+        self,
+        value: object,
+        path: str,
+        plans: Mapping[str, Plan | None],
+        meters: Mapping[str, Meter | None],
+        currency: str | None,
+    ) -> PriceOverride | None:
+        m = self.mapping(value, path, ("plan",), ("recurring", "hourly", "usage"))
+        if m is None:
+            return None
+        plan_id = self.ident(m["plan"], _join(path, "plan")) if "plan" in m else None
+        if not self.reference(plan_id, _join(path, "plan"), plans, "plan") or plan_id is None:
+            return None
+        plan = plans[plan_id]
+        if plan is None:
+            return None
+        ok = True
+        if not _is_null(m.get("recurring")) and plan.recurring is None:
+            self.problem(_join(path, "recurring"), f"plan {plan_id!r} has no recurring fee")
+            ok = False
+        if not _is_null(m.get("hourly")) and plan.hourly is None:
+            self.problem(_join(path, "hourly"), f"plan {plan_id!r} has no hourly rate")
+            ok = False
+        charges = self.charges(m, path, meters, {u.meter: u for u in plan.usage})
+        if charges is None or not ok:
+            return None
+        recurring, hourly, usage = charges
+        # A usage override without ``included`` keeps the plan's allowance.
+        raw_usage = m.get("usage")
+        raw = raw_usage if isinstance(raw_usage, list) else []
+        plan_included = {u.meter: u.included for u in plan.usage}
+        usage = tuple(
+            u
+            if isinstance(entry, dict) and not _is_null(entry.get("included"))
+            else replace(u, included=plan_included[u.meter])
+            for u, entry in zip(usage, raw, strict=True)
+        )
+        override = PriceOverride(plan_id, recurring, hourly, usage)
+        if currency is not None:
+            for charge in _unpriced_charges(override.apply(plan), currency):
+                self.problem(
+                    path,
+                    f"the override of plan {plan_id!r} has no {currency} price for {charge}",
+                )
+                ok = False
+        return override if ok else None
+
+    def campaign(
+        self,
+        value: object,
+        path: str,
+        plans: Mapping[str, Plan | None],
+        meters: Mapping[str, Meter | None],
+        accounts: Mapping[str, Account | None],
+    ) -> Campaign | None:
+        m = self.mapping(
+            value,
+            path,
+            ("id", "name", "kind"),
+            ("percent", "amount", "from", "to", "scope", "accounts", "first_periods"),
+        )
+        if m is None:
+            return None
+        ident = self.ident(m["id"], _join(path, "id")) if "id" in m else None
+        name = self.string(m["name"], _join(path, "name")) if "name" in m else None
+        ok = ident is not None and name is not None
+        kind: DiscountKind | None = None
+        if "kind" in m:
+            text = self.string(m["kind"], _join(path, "kind"))
+            try:
+                kind = DiscountKind(text or "")
+            except ValueError:
+                choices = [k.value for k in DiscountKind]
+                self.problem(
+                    _join(path, "kind"),
+                    f"unknown discount kind {text!r} (expected one of: {', '.join(choices)})",
+                )
+        percent = Decimal(0)
+        amounts: dict[str, Decimal] = {}
+        if kind is DiscountKind.PERCENTAGE:
+            if "amount" in m:
+                self.problem(_join(path, "amount"), "a percentage campaign takes 'percent'")
+                ok = False
+            parsed = (
+                self.decimal(m["percent"], _join(path, "percent"), "percentage")
+                if "percent" in m
+                else None
+            )
+            if "percent" not in m:
+                self.problem(path, "a percentage campaign needs 'percent'")
+            if parsed is not None and not 0 < parsed <= 100:
+                self.problem(_join(path, "percent"), f"expected 0 < percent <= 100, got {parsed}")
+                parsed = None
+            ok = ok and parsed is not None
+            percent = parsed or Decimal(0)
+        elif kind is DiscountKind.FIXED:
+            if "percent" in m:
+                self.problem(_join(path, "percent"), "a fixed campaign takes 'amount'")
+                ok = False
+            money = (
+                self.exact_money(m["amount"], _join(path, "amount"), "amount")
+                if "amount" in m
+                else None
+            )
+            if "amount" not in m:
+                self.problem(path, "a fixed campaign needs 'amount'")
+            ok = ok and money is not None
+            amounts = money or {}
+        else:
+            ok = False
+        start = self.optional_instant(m.get("from"), _join(path, "from"))
+        end = self.optional_instant(m.get("to"), _join(path, "to"))
+        if start is not None and end is not None and start >= end:
+            self.problem(_join(path, "to"), "must be after 'from'")
+            ok = False
+        plan_id = meter = None
+        charge: ChargeKind | None = None
+        if not _is_null(m.get("scope")):
+            spath = _join(path, "scope")
+            scope = self.mapping(m["scope"], spath, (), ("plan", "charge", "meter"))
+            if scope is None:
+                ok = False
+            else:
+                if "plan" in scope:
+                    plan_id = self.ident(scope["plan"], _join(spath, "plan"))
+                    ok = self.reference(plan_id, _join(spath, "plan"), plans, "plan") and ok
+                if "meter" in scope:
+                    meter = self.ident(scope["meter"], _join(spath, "meter"))
+                    ok = self.reference(meter, _join(spath, "meter"), meters, "meter") and ok
+                if "charge" in scope:
+                    text = self.string(scope["charge"], _join(spath, "charge"))
+                    try:
+                        charge = ChargeKind(text or "")
+                    except ValueError:
+                        choices = [k.value for k in ChargeKind]
+                        self.problem(
+                            _join(spath, "charge"),
+                            f"unknown charge kind {text!r} (expected one of: {', '.join(choices)})",
+                        )
+                        ok = False
+                if meter is not None and charge not in (None, ChargeKind.USAGE):
+                    self.problem(spath, "a meter scope applies to usage charges only")
+                    ok = False
+        account_ids: list[str] = []
+        for i, entry in enumerate(self.items(m.get("accounts"), _join(path, "accounts"))):
+            apath = f"{_join(path, 'accounts')}[{i}]"
+            account_id = self.ident(entry, apath)
+            if self.reference(account_id, apath, accounts, "account") and account_id is not None:
+                account_ids.append(account_id)
+                acct = accounts[account_id]
+                if kind is DiscountKind.FIXED and acct is not None and acct.currency not in amounts:
+                    self.problem(
+                        _join(path, "amount"),
+                        f"no {acct.currency} amount for account {account_id!r}",
+                    )
+                    ok = False
+            else:
+                ok = False
+        if kind is DiscountKind.FIXED and not account_ids and amounts:
+            needed = {a.currency for a in accounts.values() if a is not None}
+            for currency in sorted(needed - set(amounts)):
+                self.problem(
+                    _join(path, "amount"),
+                    f"no {currency} amount (the campaign applies to every account, and some "
+                    f"are billed in {currency}; give the amount or list 'accounts')",
+                )
+                ok = False
+        first_periods = None
+        if not _is_null(m.get("first_periods")):
+            first_periods = self.positive_int(m["first_periods"], _join(path, "first_periods"))
+            ok = ok and first_periods is not None
+        if not ok or ident is None or name is None or kind is None:
+            return None
+        return Campaign(
+            ident,
+            name,
+            kind,
+            percent,
+            amounts,
+            start,
+            end,
+            plan_id,
+            charge,
+            meter,
+            tuple(account_ids),
+            first_periods,
+        )
 
     def subscription(
         self,
@@ -702,6 +1301,19 @@ class _Parser:
         return Resource(ident, sub_id, kind, tuple(s for _, s in ordered))
 
 
+def _resolve_anchor(account: Account, subscriptions: Iterable[Subscription]) -> Account:
+    """An anniversary policy without an explicit anchor is anchored at the local date (in
+    the account's timezone) of its earliest subscription start."""
+    period = account.billing_period
+    if period.policy is not PeriodPolicy.ANNIVERSARY or period.anchor is not None:
+        return account
+    starts = [s.start for s in subscriptions if s.account_id == account.id]
+    if not starts:
+        return account
+    anchor = min(starts).astimezone(ZoneInfo(account.timezone)).date()
+    return replace(account, billing_period=replace(period, anchor=anchor))
+
+
 def _valid_timezone(name: str) -> bool:
     try:
         ZoneInfo(name)
@@ -717,6 +1329,8 @@ def _unpriced_charges(plan: Plan, currency: str) -> list[str]:
     if plan.hourly is not None and currency not in plan.hourly.rates:
         missing.append("hourly.rate")
     missing.extend(
-        f"usage of {u.meter!r} (unit_price)" for u in plan.usage if currency not in u.unit_prices
+        f"usage of {u.meter!r} ({_PRICE_KEY[u.model]})"
+        for u in plan.usage
+        if currency not in u.currencies()
     )
     return missing

@@ -29,7 +29,7 @@ import yaml
 from aggregation.ports import LEDGER_SCHEMA, PARTIALS_SCHEMA, Store, UsageTotal
 from invoicer.close import rate_account_period
 from invoicer.invoice import Invoice
-from invoicer.periods import Period, calendar_month, parse_period_label
+from invoicer.periods import Period, account_period, parse_period_label
 from rating.catalog import Catalog
 from rating.catalog_file import load_catalog_file
 
@@ -72,8 +72,7 @@ class GoldenCase:
 
     @property
     def period(self) -> Period:
-        tz = self.catalog.accounts[self.account_id].timezone
-        return calendar_month(self.year, self.month, tz)
+        return account_period(self.catalog.accounts[self.account_id], self.year, self.month)
 
 
 def case_names() -> list[str]:

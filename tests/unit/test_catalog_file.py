@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rating.catalog import MeterKind, Span
+from rating.catalog import (
+    BillingPeriod,
+    MeterKind,
+    Package,
+    PeriodPolicy,
+    PricingModel,
+    RecurringCharge,
+    Span,
+    TaxKind,
+    TaxProfile,
+    TimezoneChange,
+)
 from rating.catalog_file import (
     CatalogError,
     CatalogProblem,
@@ -448,3 +459,280 @@ def test_an_invalid_entry_does_not_cascade_into_dangling_references() -> None:
     # The plan is invalid; the subscriptions that use it must not also say "unknown plan".
     problems = _mutated(_set("plans/0/name", ""))
     assert problems == ["catalog.yaml: plans[0].name: must not be empty"]
+
+
+# -- issue 4: pricing models, billing periods, taxes, overrides, campaigns ------------------
+
+TIERS: list[dict[str, Any]] = [
+    {"up_to": "1000", "unit_price": {"EUR": "0.02", "USD": "0.03"}},
+    {"up_to": "9000", "unit_price": {"EUR": "0.01", "USD": "0.011"}},
+    {"up_to": "500", "unit_price": {"EUR": "0.005", "USD": "0.006"}},
+    {"up_to": None, "unit_price": {"EUR": "0.001", "USD": "0.002"}},
+]
+
+
+def _tiered(model: str, tiers: list[dict[str, Any]]) -> Any:
+    return _set(
+        "plans/0/usage/0",
+        {"meter": "net.egress.bytes", "included": "10", "model": model, "tiers": tiers},
+    )
+
+
+def _account_key(key: str, value: object) -> Any:
+    return _set(f"accounts/0/{key}", value)
+
+
+ISSUE_4_CASES: list[tuple[str, Any, str]] = [
+    (
+        "tiers out of order",
+        _tiered("graduated", TIERS),
+        "plans[0].usage[0].tiers[2].up_to: tiers out of order: 500 after 9000",
+    ),
+    (
+        "last tier bounded",
+        _tiered("volume", TIERS[:2]),
+        "plans[0].usage[0].tiers[1].up_to: the last tier must be unbounded",
+    ),
+    (
+        "middle tier unbounded",
+        _tiered("graduated", [TIERS[3], TIERS[3]]),
+        "plans[0].usage[0].tiers[0].up_to: only the last tier may be unbounded",
+    ),
+    (
+        "tier missing a currency",
+        _tiered("graduated", [TIERS[0], {"up_to": None, "unit_price": {"EUR": "0.01"}}]),
+        "plans[0].usage[0].tiers[1].unit_price: priced in EUR but the first tier in EUR, USD",
+    ),
+    (
+        "tiers on a per-unit charge",
+        _set("plans/0/usage/0/tiers", TIERS),
+        "plans[0].usage[0].tiers: not used by model per_unit (it uses 'unit_price')",
+    ),
+    (
+        "graduated without tiers",
+        _set("plans/0/usage/0/model", "graduated"),
+        "plans[0].usage[0]: model graduated needs 'tiers'",
+    ),
+    (
+        "unknown model",
+        _set("plans/0/usage/0/model", "tiered"),
+        "plans[0].usage[0].model: unknown pricing model 'tiered'",
+    ),
+    (
+        "package of size 0",
+        _set(
+            "plans/0/usage/0",
+            {
+                "meter": "net.egress.bytes",
+                "model": "package",
+                "package": {"size": "0", "price": {"EUR": "5", "USD": "6"}},
+            },
+        ),
+        "plans[0].usage[0].package.size: a package size must be above 0",
+    ),
+    (
+        "tiered price missing for the account's currency",
+        _tiered("graduated", [{"up_to": None, "unit_price": {"EUR": "0.01"}}]),
+        (
+            "subscriptions[1].plan: plan 'vps-s' has no USD price for usage of 'net.egress.bytes' "
+            "(tiers)"
+        ),
+    ),
+    (
+        "unknown period policy",
+        _account_key("billing_period", {"policy": "weekly"}),
+        "accounts[0].billing_period.policy: unknown billing-period policy 'weekly'",
+    ),
+    (
+        "month-end day out of range",
+        _account_key("billing_period", {"policy": "month_end_day", "day": "32"}),
+        "accounts[0].billing_period.day: expected a whole number from 1 to 31, got '32'",
+    ),
+    (
+        "month-end day missing",
+        _account_key("billing_period", {"policy": "month_end_day"}),
+        "accounts[0].billing_period: policy month_end_day needs 'day'",
+    ),
+    (
+        "days before month end out of range",
+        _account_key("billing_period", {"policy": "days_before_month_end", "days": "28"}),
+        "accounts[0].billing_period.days: expected a whole number from 0 to 27, got '28'",
+    ),
+    (
+        "timezone change with a bad label",
+        _account_key("timezone_changes", [{"from_period": "2027-13", "timezone": "UTC"}]),
+        "accounts[0].timezone_changes[0].from_period: not a period label YYYY-MM: '2027-13'",
+    ),
+    (
+        "unknown tax kind",
+        _account_key("tax", {"kind": "vat"}),
+        "accounts[0].tax.kind: unknown tax kind 'vat'",
+    ),
+    (
+        "tax rate above 100",
+        _account_key("tax", {"kind": "rate", "rate": "190"}),
+        "accounts[0].tax.rate: a tax rate is a percentage, not 190",
+    ),
+    (
+        "rate on reverse charge",
+        _account_key("tax", {"kind": "reverse_charge", "rate": "19"}),
+        "accounts[0].tax.rate: no rate for tax kind reverse_charge",
+    ),
+    (
+        "override of an unknown plan",
+        _account_key("price_overrides", [{"plan": "vps-xl"}]),
+        "accounts[0].price_overrides[0].plan: unknown plan 'vps-xl'",
+    ),
+    (
+        "override of a meter the plan does not charge",
+        _account_key(
+            "price_overrides",
+            [{"plan": "vps-s", "usage": [{"meter": "ipv4.count", "unit_price": {"EUR": "1"}}]}],
+        ),
+        (
+            "accounts[0].price_overrides[0].usage[0].meter: the plan does not charge meter "
+            "'ipv4.count'"
+        ),
+    ),
+    (
+        "override without the account's currency",
+        _account_key("price_overrides", [{"plan": "vps-s", "recurring": {"fee": {"USD": "9"}}}]),
+        (
+            "accounts[0].price_overrides[0]: the override of plan 'vps-s' has no EUR price for "
+            "recurring.fee"
+        ),
+    ),
+    (
+        "commitment without the account's currency",
+        _account_key("commitment", {"USD": "100"}),
+        "accounts[0].commitment: no EUR amount",
+    ),
+    (
+        "fixed campaign without a currency of its accounts",
+        _set(
+            "campaigns",
+            [{"id": "c1", "name": "C1", "kind": "fixed", "amount": {"EUR": "5"}}],
+        ),
+        "campaigns[0].amount: no USD amount",
+    ),
+    (
+        "percentage above 100",
+        _set("campaigns", [{"id": "c1", "name": "C1", "kind": "percentage", "percent": "150"}]),
+        "campaigns[0].percent: expected 0 < percent <= 100, got 150",
+    ),
+    (
+        "campaign scoped to an unknown plan",
+        _set(
+            "campaigns",
+            [
+                {
+                    "id": "c1",
+                    "name": "C1",
+                    "kind": "percentage",
+                    "percent": "10",
+                    "scope": {"plan": "vps-xl"},
+                }
+            ],
+        ),
+        "campaigns[0].scope.plan: unknown plan 'vps-xl'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"), [c[1:] for c in ISSUE_4_CASES], ids=[c[0] for c in ISSUE_4_CASES]
+)
+def test_each_issue_4_problem_is_named(mutate: Any, expected: str) -> None:
+    problems = _mutated(mutate)
+    assert any(p.startswith(f"catalog.yaml: {expected}") for p in problems), problems
+
+
+def test_pricing_models_periods_taxes_and_overrides_are_parsed() -> None:
+    data = copy.deepcopy(_good_data())
+    _tiered("graduated", [TIERS[0], TIERS[1], TIERS[3]])(data)
+    data["plans"][0]["usage"][1] = {
+        "meter": "storage.block.bytes",
+        "model": "package",
+        "package": {"size": "100", "price": {"EUR": "5.00", "USD": "6.00"}},
+    }
+    data["accounts"][0]["billing_period"] = {"policy": "anniversary"}
+    data["accounts"][0]["tax"] = {"kind": "rate", "rate": "19", "jurisdiction": "DE"}
+    data["accounts"][0]["price_overrides"] = [{"plan": "vps-s", "recurring": {"fee": {"EUR": "9"}}}]
+    data["accounts"][0]["commitment"] = {"EUR": "100.00"}
+    data["accounts"][1]["billing_period"] = {"policy": "month_end_day", "day": "25"}
+    data["accounts"][1]["timezone_changes"] = [{"from_period": "2027-01", "timezone": "UTC"}]
+    data["campaigns"] = [
+        {
+            "id": "launch",
+            "name": "Launch",
+            "kind": "percentage",
+            "percent": "10",
+            "scope": {"charge": "usage", "meter": "net.egress.bytes"},
+            "first_periods": "3",
+            "from": "2026-01-01T00:00:00Z",
+        }
+    ]
+
+    catalog = parse_catalog(data, "catalog.yaml")
+
+    usage = catalog.plans["vps-s"].usage
+    assert usage[0].model is PricingModel.GRADUATED
+    assert [t.up_to for t in usage[0].tiers] == [Decimal(1000), Decimal(9000), None]
+    assert usage[1].package == Package(
+        Decimal(100), {"EUR": Decimal("5.00"), "USD": Decimal("6.00")}
+    )
+    acme = catalog.accounts["acme"]
+    # anchored at the earliest subscription start, in the account's timezone
+    assert acme.billing_period == BillingPeriod(PeriodPolicy.ANNIVERSARY, anchor=date(2026, 10, 11))
+    assert acme.tax == TaxProfile(TaxKind.RATE, Decimal(19), "DE")
+    assert acme.plan_for(catalog.plans["vps-s"]).recurring == RecurringCharge({"EUR": Decimal(9)})
+    assert acme.commitment == {"EUR": Decimal("100.00")}
+    initech = catalog.accounts["0042"]
+    assert initech.billing_period == BillingPeriod(PeriodPolicy.MONTH_END_DAY, day=25)
+    assert initech.timezone_changes == (TimezoneChange(2027, 1, "UTC"),)
+    campaign = catalog.campaigns["launch"]
+    assert (campaign.percent, campaign.first_periods, campaign.meter) == (
+        Decimal(10),
+        3,
+        "net.egress.bytes",
+    )
+
+
+def test_an_existing_catalog_gets_the_defaults() -> None:
+    catalog = parse_catalog(_good_data(), "catalog.yaml")
+
+    acme = catalog.accounts["acme"]
+    assert acme.billing_period == BillingPeriod()
+    assert (acme.tax, acme.price_overrides, acme.commitment, catalog.campaigns) == (
+        None,
+        {},
+        {},
+        {},
+    )
+    assert catalog.plans["vps-s"].usage[0].model is PricingModel.PER_UNIT
+
+
+def test_issue_4_keys_survive_the_stored_document() -> None:
+    data = copy.deepcopy(_good_data())
+    _tiered("volume", [TIERS[0], TIERS[3]])(data)
+    data["accounts"][0]["billing_period"] = {"policy": "anniversary", "anchor": "2026-01-31"}
+    data["accounts"][0]["tax"] = {"kind": "reverse_charge"}
+    data["campaigns"] = [
+        {"id": "f", "name": "F", "kind": "fixed", "amount": {"EUR": "5.00", "USD": "6.00"}}
+    ]
+
+    document = catalog_document(data)
+
+    assert catalog_from_document(document, "stored") == parse_catalog(data, "catalog.yaml")
+    restored = catalog_from_document(document, "stored")
+    # an explicit anchor wins over the earliest subscription start
+    assert restored.accounts["acme"].billing_period.anchor == date(2026, 1, 31)
+
+
+def test_a_fixed_amount_finer_than_the_currency_is_refused() -> None:
+    problems = _mutated(_account_key("commitment", {"EUR": "10.001"}))
+
+    assert (
+        "catalog.yaml: accounts[0].commitment.EUR: 10.001 has more decimals than EUR has (2)"
+        in (problems)
+    )

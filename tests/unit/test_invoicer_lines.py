@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 
 from aggregation.ports import UsageTotal
+from invoicer.exact import truncate
 from invoicer.invoice import LineKind
 from invoicer.lines import (
     ChargeConfigurationError,
@@ -20,14 +21,20 @@ from invoicer.lines import (
     prorate,
     recurring_line,
     usage_line,
+    usage_lines,
 )
 from invoicer.periods import calendar_month
 from rating.catalog import (
+    Account,
     HourlyCharge,
+    Package,
     Plan,
+    PriceOverride,
+    PricingModel,
     RecurringCharge,
     Span,
     Subscription,
+    Tier,
     UsageCharge,
 )
 from tests.golden.builders import ACME, EGRESS, IPV4, STORAGE, backup, d, server, utc, vps_s
@@ -293,3 +300,121 @@ def test_gauge_u3_in_a_utc_november() -> None:
     assert line.quantity == d("33.333333333333")
     assert line.amount_minor == 167
     assert line.unit == "GiB-month"
+
+
+# -- pricing models (§5) --------------------------------------------------------------------
+
+U1_TIERS = (
+    Tier(d("9000"), {"EUR": d("0.0100")}),
+    Tier(None, {"EUR": d("0.0050")}),
+)
+
+
+def tiered(model: PricingModel, tiers: tuple[Tier, ...], included: str = "0") -> Plan:
+    return Plan(
+        "egress",
+        "Egress",
+        usage=(UsageCharge(EGRESS.name, {}, d(included), model, tiers),),
+    )
+
+
+def egress_total(gb: str) -> UsageTotal:
+    quantity = int(Decimal(gb) * 10**9)
+    return UsageTotal("acme-sub", EGRESS.name, quantity, quantity, 1)
+
+
+def test_graduated_u1_gives_one_line_per_tier() -> None:
+    plan = tiered(PricingModel.GRADUATED, U1_TIERS, included="1000")
+    lines = usage_lines(sp(plan), plan.usage[0], EGRESS, egress_total("12345.678901234"))
+
+    assert [(line.key.rsplit("/", 1)[1], line.amount_minor, line.tier) for line in lines] == [
+        ("tier-1", 9000, 1),
+        ("tier-2", 1173, 2),
+    ]
+    assert lines[0].quantity == 9000
+    assert lines[1].quantity == d("2345.678901234")
+
+
+def test_graduated_below_the_first_bound_shows_only_the_first_tier() -> None:
+    plan = tiered(PricingModel.GRADUATED, U1_TIERS, included="1000")
+    lines = usage_lines(sp(plan), plan.usage[0], EGRESS, egress_total("500"))
+
+    assert [(line.tier, line.quantity, line.amount_minor) for line in lines] == [(1, Decimal(0), 0)]
+
+
+def test_graduated_bounds_are_prorated_like_the_allowance() -> None:
+    plan = tiered(PricingModel.GRADUATED, U1_TIERS, included="1000")
+    # active from 2026-10-16T00:00Z: 16 d + 23 h of October's 745 h
+    sub = sp(plan, start="2026-10-16")
+    share = sub.active_fraction
+    lines = usage_lines(sub, plan.usage[0], EGRESS, egress_total("10000"))
+
+    assert lines[0].included_quantity == truncate_12(1000 * share)
+    assert lines[0].quantity == truncate_12(9000 * share)
+    assert lines[1].quantity == truncate_12(10000 - 10000 * share)
+
+
+def truncate_12(value: Fraction) -> Decimal:
+    return truncate(value)
+
+
+@pytest.mark.parametrize(
+    ("peak", "tier", "amount"),
+    [(0, 1, 0), (1, 1, 150), (4, 1, 600), (5, 2, 600), (6, 2, 720)],
+)
+def test_volume_prices_everything_at_the_tier_the_total_falls_in(
+    peak: int, tier: int, amount: int
+) -> None:
+    tiers = (Tier(d("4"), {"EUR": d("1.50")}), Tier(None, {"EUR": d("1.20")}))
+    plan = Plan(
+        "ips", "IPs", usage=(UsageCharge(IPV4.name, {}, d("0"), PricingModel.VOLUME, tiers),)
+    )
+    total = UsageTotal("acme-sub", IPV4.name, 0, peak, 1)
+
+    [line] = usage_lines(sp(plan), plan.usage[0], IPV4, total)
+
+    assert (line.tier, line.amount_minor) == (tier, amount)
+    assert line.key.endswith("/usage/ipv4.count")
+
+
+@pytest.mark.parametrize(
+    ("gb", "blocks"), [("0", 0), ("0.000000001", 1), ("100", 1), ("100.1", 2), ("250.3", 3)]
+)
+def test_package_prices_every_started_block(gb: str, blocks: int) -> None:
+    plan = Plan(
+        "packs",
+        "Packs",
+        usage=(
+            UsageCharge(
+                EGRESS.name,
+                {},
+                d("0"),
+                PricingModel.PACKAGE,
+                package=Package(d("100"), {"EUR": d("5.00")}),
+            ),
+        ),
+    )
+    [line] = usage_lines(sp(plan), plan.usage[0], EGRESS, egress_total(gb))
+
+    assert (line.quantity, line.amount_minor) == (Decimal(blocks), 500 * blocks)
+    assert line.unit == "block of 100 GB"
+
+
+def test_a_tier_without_the_accounts_currency_is_a_configuration_error() -> None:
+    tiers = (Tier(None, {"USD": d("1")}),)
+    plan = tiered(PricingModel.GRADUATED, tiers)
+
+    with pytest.raises(ChargeConfigurationError, match="tier 1 has no EUR price"):
+        usage_lines(sp(plan), plan.usage[0], EGRESS, egress_total("1"))
+
+
+def test_a_price_override_replaces_the_plans_charge_for_one_account() -> None:
+    plan = vps_s()
+    override = PriceOverride("vps-s", hourly=HourlyCharge({"EUR": d("0.0050")}))
+    account = Account("acme", "ACME", "EUR", "Europe/Berlin", price_overrides={"vps-s": override})
+
+    custom = account.plan_for(plan)
+
+    assert custom.hourly == HourlyCharge({"EUR": d("0.0050")})
+    assert custom.usage == plan.usage  # untouched
+    assert ACME.plan_for(plan) is plan
