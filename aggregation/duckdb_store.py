@@ -18,17 +18,25 @@ import duckdb
 import polars as pl
 
 from aggregation import migrations
+from aggregation.agent_tokens import check_agent_token, scope_from_json
 from aggregation.frames import check_invoices, prepare_rated, require_aware
 from aggregation.ports import (
     HOURLY_SCHEMA,
     INSTANT,
+    SOURCE_BATCH_SCHEMA,
+    SPANS_SCHEMA,
+    AgentToken,
+    BillingEvent,
     ConsumedOffset,
+    InvoiceNumber,
     IssuedInvoiceError,
+    IssueRenderer,
     StoredCatalog,
     StoredInvoice,
     UsageTotal,
     WriteOutcome,
 )
+from aggregation.spans import check_spans
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -59,6 +67,16 @@ ON CONFLICT (subscription_id, meter, hour_start) DO UPDATE SET
     sample_count = usage_hourly.sample_count + excluded.sample_count,
     updated_at = excluded.updated_at
 RETURNING 1
+"""
+
+# Which hours each new batch added to (schema version 3), for `meterline explain`.
+_INSERT_BATCH_USAGE = """
+INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
+SELECT p.agent_id, p.seq, p.subscription_id, p.meter, p.hour_start
+FROM meterline_partials_in AS p
+SEMI JOIN (
+    SELECT unnest($new_agent_ids::VARCHAR[]) AS agent_id, unnest($new_seqs::BIGINT[]) AS seq
+) AS n ON n.agent_id = p.agent_id AND n.seq = p.seq
 """
 
 _UPSERT_OFFSETS = """
@@ -112,6 +130,17 @@ _INVOICES_SCHEMA: dict[str, pl.DataType] = {
     "total_minor": pl.Int64(),
     "document": pl.String(),
 }
+
+
+# Upsert by key; closing a span is writing it again with its end.
+_UPSERT_SPANS = """
+INSERT INTO resource_spans (resource_id, subscription_id, plan_id, span_start, span_end)
+SELECT resource_id, subscription_id, plan_id, span_start, span_end FROM meterline_spans_in
+ON CONFLICT (resource_id, span_start) DO UPDATE SET
+    subscription_id = excluded.subscription_id,
+    plan_id = excluded.plan_id,
+    span_end = excluded.span_end
+"""
 
 
 def _from_epoch_us(value: int) -> datetime:
@@ -245,6 +274,10 @@ class DuckDbStore:
                     "new_seqs": [k[1] for k in new_keys],
                 }
                 hourly_rows = len(conn.execute(_UPSERT_HOURLY, params).fetchall())
+                conn.execute(  # schema 3: which hours each batch added to, for explain
+                    _INSERT_BATCH_USAGE,
+                    {"new_agent_ids": params["new_agent_ids"], "new_seqs": params["new_seqs"]},
+                )
             if write.offsets:
                 conn.execute(_UPSERT_OFFSETS, {"rated_at": rated_at})
         return WriteOutcome(
@@ -303,6 +336,75 @@ class DuckDbStore:
         assert row is not None
         return int(row[0])
 
+    # -- resource spans ----------------------------------------------------------------------
+    def write_resource_spans(self, spans: pl.DataFrame) -> int:
+        spans = check_spans(spans)
+        if spans.is_empty():
+            return 0
+        with self._transaction({"meterline_spans_in": spans}) as conn:
+            conn.execute(_UPSERT_SPANS)
+        return spans.height
+
+    def resource_spans(
+        self, start: datetime, end: datetime, resource_ids: Sequence[str] | None = None
+    ) -> pl.DataFrame:
+        require_aware(start, "start")
+        require_aware(end, "end")
+        params: dict[str, Any] = {"start": start, "end": end}
+        query = (
+            "SELECT resource_id, subscription_id, plan_id, span_start, span_end "
+            "FROM resource_spans WHERE span_start < $end "
+            "AND (span_end IS NULL OR span_end > $start)"
+        )
+        if resource_ids is not None:
+            params["resource_ids"] = list(resource_ids)
+            query += " AND list_contains($resource_ids::VARCHAR[], resource_id)"
+        query += " ORDER BY resource_id, span_start"
+        with self._transaction():
+            frame = self._frame(query, params)
+        return frame.cast(pl.Schema(SPANS_SCHEMA))
+
+    # -- agent tokens ----------------------------------------------------------------------
+    def save_agent_token(
+        self, token_hash: str, agent_id: str, scope: Sequence[str], issued_at: datetime
+    ) -> None:
+        scope_json = check_agent_token(token_hash, agent_id, scope, issued_at)
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "INSERT INTO agent_tokens (token_hash, agent_id, scope, issued_at) "
+                "VALUES ($token_hash, $agent_id, $scope, $issued_at) "
+                "ON CONFLICT (token_hash) DO NOTHING RETURNING 1",
+                {
+                    "token_hash": token_hash,
+                    "agent_id": agent_id,
+                    "scope": scope_json,
+                    "issued_at": issued_at,
+                },
+            ).fetchall()
+        if not rows:
+            raise ValueError(f"token hash {token_hash[:12]}... is already stored")
+
+    def revoke_agent_tokens(self, agent_id: str, revoked_at: datetime) -> int:
+        require_aware(revoked_at, "revoked_at")
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE agent_tokens SET revoked_at = greatest($revoked_at, issued_at) "
+                "WHERE agent_id = $agent_id AND revoked_at IS NULL RETURNING 1",
+                {"revoked_at": revoked_at, "agent_id": agent_id},
+            ).fetchall()
+        return len(rows)
+
+    def active_agent_tokens(self) -> list[AgentToken]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT token_hash, agent_id, scope, epoch_us(issued_at) FROM agent_tokens "
+                "WHERE revoked_at IS NULL ORDER BY agent_id, token_hash"
+            ).fetchall()
+        return [
+            AgentToken(token_hash, agent_id, scope_from_json(scope), _from_epoch_us(us), None)
+            for token_hash, agent_id, scope, us in rows
+        ]
+
     # -- invoices --------------------------------------------------------------------------
     def save_invoices(self, invoices: Sequence[StoredInvoice]) -> None:
         check_invoices(invoices)
@@ -357,3 +459,166 @@ class DuckDbStore:
             )
             for key, account, start_us, end_us, currency, status, total, doc in rows
         ]
+
+    # -- invoice lifecycle ---------------------------------------------------------------
+    def load_invoice(self, key: str) -> StoredInvoice | None:
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE key = $key", {"key": key}
+            ).fetchone()
+        return None if row is None else _stored_invoice(row)
+
+    def load_invoices_ending_after(
+        self, instant: datetime, status: str | None = None
+    ) -> list[StoredInvoice]:
+        require_aware(instant, "instant")
+        with self._transaction() as conn:
+            rows = conn.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE period_end > $instant "
+                "AND ($status::VARCHAR IS NULL OR status = $status::VARCHAR) ORDER BY key",
+                {"instant": instant, "status": status},
+            ).fetchall()
+        return [_stored_invoice(r) for r in rows]
+
+    def issue_invoice(
+        self, key: str, series: str, issued_at: datetime, render: IssueRenderer
+    ) -> StoredInvoice:
+        require_aware(issued_at, "issued_at")
+        if not series:
+            raise ValueError("series must not be empty")
+        # One connection, one transaction at a time (and DuckDB locks its file against
+        # other processes), so nothing can interleave between reading and writing.
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE key = $key", {"key": key}
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no invoice {key!r}")
+            draft = _stored_invoice(row)
+            if draft.status != "draft":
+                raise IssuedInvoiceError(f"invoice {key!r} is already issued")
+            seq_row = conn.execute(
+                "INSERT INTO invoice_sequences (series, last_number) VALUES ($series, 1) "
+                "ON CONFLICT (series) DO UPDATE SET "
+                "last_number = invoice_sequences.last_number + 1 RETURNING last_number",
+                {"series": series},
+            ).fetchone()
+            assert seq_row is not None
+            seq = int(seq_row[0])
+            rendering = render(draft, seq)
+            conn.execute(
+                "INSERT INTO invoice_numbers (invoice_key, series, seq, number, issued_at) "
+                "VALUES ($key, $series, $seq, $number, $issued_at)",
+                {
+                    "key": key,
+                    "series": series,
+                    "seq": seq,
+                    "number": rendering.number,
+                    "issued_at": issued_at,
+                },
+            )
+            conn.execute(
+                "UPDATE invoices SET status = 'issued', document = $document, "
+                "updated_at = now() WHERE key = $key",
+                {"document": rendering.document, "key": key},
+            )
+            for event in rendering.events:
+                require_aware(event.created_at, f"event {event.event_id}: created_at")
+                conn.execute(
+                    "INSERT INTO billing_outbox (event_id, topic, kafka_key, value, created_at) "
+                    "VALUES ($event_id, $topic, $key, $value, $created_at)",
+                    {
+                        "event_id": event.event_id,
+                        "topic": event.topic,
+                        "key": event.key,
+                        "value": event.value,
+                        "created_at": event.created_at,
+                    },
+                )
+        return StoredInvoice(
+            draft.key,
+            draft.account_id,
+            draft.period_start,
+            draft.period_end,
+            draft.currency,
+            "issued",
+            draft.total_minor,
+            rendering.document,
+        )
+
+    def delete_drafts(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "DELETE FROM invoices WHERE list_contains($keys::VARCHAR[], key) "
+                "AND status = 'draft' RETURNING 1",
+                {"keys": list(keys)},
+            ).fetchall()
+        return len(rows)
+
+    def invoice_numbers(self, series: str | None = None) -> list[InvoiceNumber]:
+        query = "SELECT invoice_key, series, seq, number, epoch_us(issued_at) FROM invoice_numbers"
+        params: dict[str, Any] = {}
+        if series is not None:
+            query += " WHERE series = $series"
+            params["series"] = series
+        with self._transaction() as conn:
+            rows = conn.execute(query + " ORDER BY series, seq", params).fetchall()
+        return [InvoiceNumber(k, s, int(q), n, _from_epoch_us(us)) for k, s, q, n, us in rows]
+
+    def usage_batches(
+        self, subscription_id: str, meter: str, start: datetime, end: datetime
+    ) -> pl.DataFrame:
+        require_aware(start, "start")
+        require_aware(end, "end")
+        query = (
+            'SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, '
+            "count(*) AS hours FROM batch_usage AS u JOIN batch_ledger AS l "
+            "ON l.agent_id = u.agent_id AND l.seq = u.seq "
+            "WHERE u.subscription_id = $sub AND u.meter = $meter "
+            "AND u.hour_start >= $start AND u.hour_start < $end "
+            'GROUP BY l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at '
+            'ORDER BY l.topic, l.partition, l."offset", l.agent_id, l.seq'
+        )
+        params = {"sub": subscription_id, "meter": meter, "start": start, "end": end}
+        with self._transaction():
+            frame = self._frame(query, params)
+        return frame.cast(pl.Schema(SOURCE_BATCH_SCHEMA))
+
+    def pending_billing_events(self, limit: int = 1000) -> list[BillingEvent]:
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT event_id, topic, kafka_key, value, epoch_us(created_at) "
+                "FROM billing_outbox WHERE published_at IS NULL "
+                "ORDER BY created_at, event_id LIMIT $limit",
+                {"limit": limit},
+            ).fetchall()
+        return [BillingEvent(e, t, k, v, _from_epoch_us(us)) for e, t, k, v, us in rows]
+
+    def mark_billing_events_published(
+        self, event_ids: Sequence[str], published_at: datetime
+    ) -> int:
+        require_aware(published_at, "published_at")
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE billing_outbox SET published_at = $published_at "
+                "WHERE list_contains($ids::VARCHAR[], event_id) AND published_at IS NULL "
+                "RETURNING 1",
+                {"published_at": published_at, "ids": list(event_ids)},
+            ).fetchall()
+        return len(rows)
+
+
+def _stored_invoice(row: Sequence[Any]) -> StoredInvoice:
+    key, account, start_us, end_us, currency, status, total, doc = row
+    return StoredInvoice(
+        key,
+        account,
+        _from_epoch_us(start_us),
+        _from_epoch_us(end_us),
+        currency,
+        status,
+        int(total),
+        doc,
+    )

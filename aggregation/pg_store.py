@@ -11,23 +11,31 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
 import psycopg
 
 from aggregation import migrations
+from aggregation.agent_tokens import check_agent_token, scope_from_json
 from aggregation.frames import check_invoices, prepare_rated, require_aware
 from aggregation.ports import (
     HOURLY_SCHEMA,
+    SOURCE_BATCH_SCHEMA,
+    SPANS_SCHEMA,
+    AgentToken,
+    BillingEvent,
     ConsumedOffset,
+    InvoiceNumber,
     IssuedInvoiceError,
+    IssueRenderer,
     StoredCatalog,
     StoredInvoice,
     UsageTotal,
     WriteOutcome,
 )
+from aggregation.spans import check_spans
 
 # Any constant works; it only has to be the same for every Meterline process.
 _MIGRATION_LOCK_KEY = 0x6D657465726C696E  # "meterlin"
@@ -68,6 +76,14 @@ WITH new_batches AS (
         sample_count = h.sample_count + excluded.sample_count,
         updated_at = excluded.updated_at
     RETURNING 1
+), sources AS (
+    -- (schema 3) which hours each new batch added to, for `meterline explain`
+    INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
+    SELECT p.agent_id, p.seq, p.subscription_id, p.meter, p.hour_start
+    FROM unnest(%(p_agent_id)b::text[], %(p_seq)b::bigint[], %(p_subscription_id)b::text[],
+                %(p_meter)b::text[], %(p_hour_start)b::timestamptz[])
+         AS p(agent_id, seq, subscription_id, meter, hour_start)
+    JOIN new_batches AS n ON n.agent_id = p.agent_id AND n.seq = p.seq
 )
 SELECT (SELECT count(*) FROM new_batches), (SELECT count(*) FROM upserted)
 """
@@ -108,6 +124,28 @@ WHERE i.status = 'draft'
 RETURNING key
 """
 
+# Partitioned natively? Is TimescaleDB installed? (Its views exist only then.)
+_LAYOUT = """
+SELECT to_regclass('usage_hourly') IN (SELECT partrelid FROM pg_partitioned_table),
+       EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+"""
+_IS_HYPERTABLE = """
+SELECT to_regclass('usage_hourly') IN (
+    SELECT format('%I.%I', hypertable_schema, hypertable_name)::regclass
+    FROM timescaledb_information.hypertables)
+"""
+
+# Upsert by key; closing a span is writing it again with its end.
+_WRITE_SPANS = """
+INSERT INTO resource_spans AS s (resource_id, subscription_id, plan_id, span_start, span_end)
+SELECT * FROM unnest(%(resource_id)b::text[], %(subscription_id)b::text[], %(plan_id)b::text[],
+                     %(span_start)b::timestamptz[], %(span_end)b::timestamptz[])
+ON CONFLICT (resource_id, span_start) DO UPDATE SET
+    subscription_id = excluded.subscription_id,
+    plan_id = excluded.plan_id,
+    span_end = excluded.span_end
+"""
+
 _INVOICE_COLUMNS = (
     "key, account_id, period_start, period_end, currency, status, total_minor, document"
 )
@@ -128,14 +166,36 @@ class PgStore:
     """The Store on one PostgreSQL database, given as a libpq conninfo or URL."""
 
     def __init__(self, conninfo: str) -> None:
-        self._conn = psycopg.connect(conninfo, autocommit=True)
-        self._conn.execute("SET TIME ZONE 'UTC'")
+        self._conninfo = conninfo
+        self._closed = False
+        self._live = self._connect()
         # One connection serves one transaction at a time, whichever thread asks.
         self._lock = threading.Lock()
+        # Time layout of the schema (see layout()), read once after migrating; and the
+        # month partitions known to exist, so a write asks for a new month only once.
+        self._layout: str | None = None
+        self._known_months: set[tuple[str, datetime]] = set()
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        # No server-side prepared statements: PGlite shares one backend session between all
+        # connections, where psycopg's per-connection names (_pg3_0, ...) would collide.
+        conn = psycopg.connect(self._conninfo, autocommit=True, prepare_threshold=None)
+        conn.execute("SET TIME ZONE 'UTC'")
+        return conn
+
+    @property
+    def _conn(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The connection. Once it broke (server restarted, session dropped), the call that
+        met it raised OperationalError; the next call opens a new one (and raises
+        OperationalError itself while the server refuses): callers retry, with backoff."""
+        if self._live.closed and not self._closed:
+            self._live = self._connect()
+        return self._live
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._closed = True
+            self._live.close()
 
     # -- schema --------------------------------------------------------------------------
     def migrate(self) -> list[int]:
@@ -158,7 +218,72 @@ class PgStore:
                         (migration.version, migration.name),
                     )
                 applied_now.append(migration.version)
+            self._layout = None
+            self._known_months.clear()
         return applied_now
+
+    def layout(self) -> str:
+        """How usage_hourly and resource_spans are laid out in time: ``"timescaledb"``
+        (hypertables), ``"partitioned"`` (native monthly range partitions) or ``"plain"``
+        (a schema before version 4)."""
+        with self._lock:
+            return self._current_layout()
+
+    def _current_layout(self) -> str:
+        if self._layout is None:
+            with self._conn.transaction():
+                row = self._conn.execute(_LAYOUT).fetchone()
+                assert row is not None
+                partitioned, has_timescale = bool(row[0]), bool(row[1])
+                hypertable = False
+                if has_timescale and not partitioned:
+                    found = self._conn.execute(_IS_HYPERTABLE).fetchone()
+                    hypertable = found is not None and bool(found[0])
+            self._layout = (
+                "partitioned" if partitioned else "timescaledb" if hypertable else "plain"
+            )
+        return self._layout
+
+    def _ensure_month_partitions(self, table: str, instants: pl.Series) -> None:
+        """On the partitioned layout, create the month partitions of ``table`` that rows at
+        ``instants`` need and that this store has not seen yet, in their own short
+        transaction (so a write that fails later does not undo them). Rows of a month
+        without a partition would still land in the DEFAULT partition."""
+        if instants.is_empty() or self._current_layout() != "partitioned":
+            return
+        months = instants.dt.truncate("1mo").unique().to_list()
+        missing = [m for m in months if (table, m) not in self._known_months]
+        if not missing:
+            return
+        with self._conn.transaction():
+            self._conn.execute(
+                "SELECT meterline_ensure_month_partitions(%s, %s::timestamptz[])",
+                (table, missing),
+            )
+        self._known_months.update((table, m) for m in missing)
+
+    def set_usage_retention(self, keep: timedelta | None) -> int | None:
+        """TimescaleDB only: keep usage_hourly chunks for ``keep`` (a retention policy that
+        drops older chunks), or keep everything (``None``, the default: billable usage is
+        never dropped unless configured). Returns the policy's job id, or None.
+        Must exceed the longest period that may still be re-closed."""
+        with self._lock:
+            if self._current_layout() != "timescaledb":
+                raise RuntimeError(
+                    "a usage retention policy needs TimescaleDB; this database uses the "
+                    f"{self._current_layout()!r} layout (drop old month partitions instead)"
+                )
+            with self._conn.transaction():
+                self._conn.execute(
+                    "SELECT remove_retention_policy('usage_hourly', if_exists => true)"
+                )
+                if keep is None:
+                    return None
+                row = self._conn.execute(
+                    "SELECT add_retention_policy('usage_hourly', drop_after => %s)", (keep,)
+                ).fetchone()
+            assert row is not None
+            return int(row[0])
 
     # -- catalog -------------------------------------------------------------------------
     def save_catalog(self, document: str, digest: str, source: str, applied_at: datetime) -> int:
@@ -193,6 +318,8 @@ class PgStore:
     ) -> WriteOutcome:
         write = prepare_rated(ledger, partials, offsets, rated_at)
         new_batches = hourly_rows = 0
+        with self._lock:
+            self._ensure_month_partitions("usage_hourly", write.partials["hour_start"])
         with self._lock, self._conn.transaction():
             if write.ledger.height:
                 params = _ledger_params(write.ledger, write.partials)
@@ -266,6 +393,72 @@ class PgStore:
         assert row is not None
         return int(row[0])
 
+    # -- resource spans ----------------------------------------------------------------------
+    def write_resource_spans(self, spans: pl.DataFrame) -> int:
+        spans = check_spans(spans)
+        if spans.is_empty():
+            return 0
+        params = {c: spans[c].to_list() for c in SPANS_SCHEMA}
+        with self._lock:
+            self._ensure_month_partitions("resource_spans", spans["span_start"])
+            with self._conn.transaction():
+                cursor = self._conn.execute(_WRITE_SPANS, params)
+        return cursor.rowcount
+
+    def resource_spans(
+        self, start: datetime, end: datetime, resource_ids: Sequence[str] | None = None
+    ) -> pl.DataFrame:
+        require_aware(start, "start")
+        require_aware(end, "end")
+        params: dict[str, Any] = {"start": start, "end": end}
+        query = (
+            "SELECT resource_id, subscription_id, plan_id, span_start, span_end "
+            "FROM resource_spans WHERE span_start < %(end)s "
+            "AND (span_end IS NULL OR span_end > %(start)s)"
+        )
+        if resource_ids is not None:
+            params["resource_ids"] = list(resource_ids)
+            query += " AND resource_id = ANY(%(resource_ids)b::text[])"
+        query += " ORDER BY resource_id, span_start"
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(query, params).fetchall()
+        return pl.DataFrame(rows, schema=SPANS_SCHEMA, orient="row")
+
+    # -- agent tokens ----------------------------------------------------------------------
+    def save_agent_token(
+        self, token_hash: str, agent_id: str, scope: Sequence[str], issued_at: datetime
+    ) -> None:
+        scope_json = check_agent_token(token_hash, agent_id, scope, issued_at)
+        with self._lock, self._conn.transaction():
+            row = self._conn.execute(
+                "INSERT INTO agent_tokens (token_hash, agent_id, scope, issued_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (token_hash) DO NOTHING RETURNING 1",
+                (token_hash, agent_id, scope_json, issued_at),
+            ).fetchone()
+        if row is None:
+            raise ValueError(f"token hash {token_hash[:12]}... is already stored")
+
+    def revoke_agent_tokens(self, agent_id: str, revoked_at: datetime) -> int:
+        require_aware(revoked_at, "revoked_at")
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "UPDATE agent_tokens SET revoked_at = greatest(%s, issued_at) "
+                "WHERE agent_id = %s AND revoked_at IS NULL RETURNING 1",
+                (revoked_at, agent_id),
+            ).fetchall()
+        return len(rows)
+
+    def active_agent_tokens(self) -> list[AgentToken]:
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "SELECT token_hash, agent_id, scope, issued_at FROM agent_tokens "
+                "WHERE revoked_at IS NULL ORDER BY agent_id, token_hash"
+            ).fetchall()
+        return [
+            AgentToken(token_hash, agent_id, scope_from_json(scope), _utc(issued_at), None)
+            for token_hash, agent_id, scope, issued_at in rows
+        ]
+
     # -- invoices --------------------------------------------------------------------------
     def save_invoices(self, invoices: Sequence[StoredInvoice]) -> None:
         check_invoices(invoices)
@@ -304,6 +497,144 @@ class PgStore:
             StoredInvoice(key, account, _utc(start), _utc(end), currency, status, total, doc)
             for key, account, start, end, currency, status, total, doc in rows
         ]
+
+    # -- invoice lifecycle ---------------------------------------------------------------
+    def load_invoice(self, key: str) -> StoredInvoice | None:
+        with self._lock, self._conn.transaction():
+            row = self._conn.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE key = %s", (key,)
+            ).fetchone()
+        return None if row is None else _stored_invoice(row)
+
+    def load_invoices_ending_after(
+        self, instant: datetime, status: str | None = None
+    ) -> list[StoredInvoice]:
+        require_aware(instant, "instant")
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE period_end > %s "
+                "AND (%s::text IS NULL OR status = %s::text) ORDER BY key",
+                (instant, status, status),
+            ).fetchall()
+        return [_stored_invoice(r) for r in rows]
+
+    def issue_invoice(
+        self, key: str, series: str, issued_at: datetime, render: IssueRenderer
+    ) -> StoredInvoice:
+        require_aware(issued_at, "issued_at")
+        if not series:
+            raise ValueError("series must not be empty")
+        with self._lock, self._conn.transaction():
+            row = self._conn.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices WHERE key = %s FOR UPDATE", (key,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no invoice {key!r}")
+            draft = _stored_invoice(row)
+            if draft.status != "draft":
+                raise IssuedInvoiceError(f"invoice {key!r} is already issued")
+            # The counter row stays locked until commit: concurrent issuers queue here.
+            seq_row = self._conn.execute(
+                "INSERT INTO invoice_sequences AS s (series, last_number) VALUES (%s, 1) "
+                "ON CONFLICT (series) DO UPDATE SET last_number = s.last_number + 1 "
+                "RETURNING last_number",
+                (series,),
+            ).fetchone()
+            assert seq_row is not None
+            seq = int(seq_row[0])
+            rendering = render(draft, seq)
+            self._conn.execute(
+                "INSERT INTO invoice_numbers (invoice_key, series, seq, number, issued_at) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (key, series, seq, rendering.number, issued_at),
+            )
+            self._conn.execute(
+                "UPDATE invoices SET status = 'issued', document = %s, updated_at = now() "
+                "WHERE key = %s",
+                (rendering.document, key),
+            )
+            for event in rendering.events:
+                require_aware(event.created_at, f"event {event.event_id}: created_at")
+                self._conn.execute(
+                    "INSERT INTO billing_outbox "
+                    "(event_id, topic, kafka_key, value, created_at) "
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (event.event_id, event.topic, event.key, event.value, event.created_at),
+                )
+        return StoredInvoice(
+            draft.key,
+            draft.account_id,
+            draft.period_start,
+            draft.period_end,
+            draft.currency,
+            "issued",
+            draft.total_minor,
+            rendering.document,
+        )
+
+    def delete_drafts(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "DELETE FROM invoices WHERE key = ANY(%s::text[]) AND status = 'draft' RETURNING 1",
+                (list(keys),),
+            ).fetchall()
+        return len(rows)
+
+    def invoice_numbers(self, series: str | None = None) -> list[InvoiceNumber]:
+        query = "SELECT invoice_key, series, seq, number, issued_at FROM invoice_numbers"
+        params: tuple[Any, ...] = ()
+        if series is not None:
+            query += " WHERE series = %s"
+            params = (series,)
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(query + " ORDER BY series, seq", params).fetchall()
+        return [InvoiceNumber(k, s, int(q), n, _utc(at)) for k, s, q, n, at in rows]
+
+    def usage_batches(
+        self, subscription_id: str, meter: str, start: datetime, end: datetime
+    ) -> pl.DataFrame:
+        require_aware(start, "start")
+        require_aware(end, "end")
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                'SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, '
+                "count(*) FROM batch_usage AS u JOIN batch_ledger AS l "
+                "ON l.agent_id = u.agent_id AND l.seq = u.seq "
+                "WHERE u.subscription_id = %s AND u.meter = %s "
+                "AND u.hour_start >= %s AND u.hour_start < %s "
+                'GROUP BY l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at '
+                'ORDER BY l.topic, l.partition, l."offset", l.agent_id, l.seq',
+                (subscription_id, meter, start, end),
+            ).fetchall()
+        return pl.DataFrame(rows, schema=SOURCE_BATCH_SCHEMA, orient="row")
+
+    def pending_billing_events(self, limit: int = 1000) -> list[BillingEvent]:
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "SELECT event_id, topic, kafka_key, value, created_at FROM billing_outbox "
+                "WHERE published_at IS NULL ORDER BY created_at, event_id LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return [BillingEvent(e, t, k, v, _utc(at)) for e, t, k, v, at in rows]
+
+    def mark_billing_events_published(
+        self, event_ids: Sequence[str], published_at: datetime
+    ) -> int:
+        require_aware(published_at, "published_at")
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "UPDATE billing_outbox SET published_at = %s "
+                "WHERE event_id = ANY(%s::text[]) AND published_at IS NULL RETURNING 1",
+                (published_at, list(event_ids)),
+            ).fetchall()
+        return len(rows)
+
+
+def _stored_invoice(row: Sequence[Any]) -> StoredInvoice:
+    key, account, start, end, currency, status, total, doc = row
+    return StoredInvoice(key, account, _utc(start), _utc(end), currency, status, int(total), doc)
 
 
 def _ledger_params(ledger: pl.DataFrame, partials: pl.DataFrame) -> dict[str, Any]:

@@ -14,7 +14,7 @@ overflow; instants are ``Datetime("us", "UTC")``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -48,6 +48,17 @@ PARTIALS_SCHEMA: dict[str, pl.DataType] = {
     "sample_count": pl.Int64(),
 }
 
+# The source batches behind usage hours (Store.usage_batches), for `meterline explain`.
+SOURCE_BATCH_SCHEMA: dict[str, pl.DataType] = {
+    "agent_id": pl.String(),
+    "seq": pl.Int64(),
+    "topic": pl.String(),
+    "partition": pl.Int32(),
+    "offset": pl.Int64(),
+    "received_at": INSTANT,
+    "hours": pl.Int64(),  # hours of the range this batch added to
+}
+
 # usage_hourly as read back.
 HOURLY_SCHEMA: dict[str, pl.DataType] = {
     "subscription_id": pl.String(),
@@ -56,6 +67,17 @@ HOURLY_SCHEMA: dict[str, pl.DataType] = {
     "quantity": QUANTITY,
     "quantity_max": QUANTITY,
     "sample_count": pl.Int64(),
+}
+
+# resource_spans, written and read back: which subscription and plan a resource belonged to
+# over [span_start, span_end); span_end is null while the span is open (the only nullable
+# column). Key: (resource_id, span_start).
+SPANS_SCHEMA: dict[str, pl.DataType] = {
+    "resource_id": pl.String(),
+    "subscription_id": pl.String(),
+    "plan_id": pl.String(),
+    "span_start": INSTANT,
+    "span_end": INSTANT,
 }
 
 
@@ -109,6 +131,20 @@ class StoredInvoice:
     status: str  # "draft" | "issued"
     total_minor: int
     document: str  # canonical JSON of the invoice and its lines
+
+
+@dataclass(frozen=True, slots=True)
+class AgentToken:
+    """An agent's bearer token as stored: only its sha256 (lowercase hex), never the token.
+
+    ``scope`` lists the resource ids the agent may report, or is ``("*",)`` for all.
+    """
+
+    token_hash: str
+    agent_id: str
+    scope: tuple[str, ...]
+    issued_at: datetime
+    revoked_at: datetime | None
 
 
 class Store(Protocol):
@@ -165,6 +201,36 @@ class Store(Protocol):
         """How many distinct batches have been counted."""
         ...
 
+    # -- resource spans ----------------------------------------------------------------------
+    def write_resource_spans(self, spans: pl.DataFrame) -> int:
+        """Upsert spans (SPANS_SCHEMA) by (resource_id, span_start) in one transaction:
+        a span already stored takes the given subscription_id, plan_id and span_end (so
+        closing a span is writing it again with its end). Returns the rows written."""
+        ...
+
+    def resource_spans(
+        self, start: datetime, end: datetime, resource_ids: Sequence[str] | None = None
+    ) -> pl.DataFrame:
+        """Spans overlapping [start, end) (span_start < end and span_end is null or
+        > start), SPANS_SCHEMA, sorted by resource_id, span_start."""
+        ...
+
+    # -- agent tokens ----------------------------------------------------------------------
+    def save_agent_token(
+        self, token_hash: str, agent_id: str, scope: Sequence[str], issued_at: datetime
+    ) -> None:
+        """Store a new active token (by its sha256 hex). A hash already stored raises
+        ``ValueError`` (tokens are random: a repeat means a bug or a replayed command)."""
+        ...
+
+    def revoke_agent_tokens(self, agent_id: str, revoked_at: datetime) -> int:
+        """Revoke every active token of ``agent_id``; return how many were revoked now."""
+        ...
+
+    def active_agent_tokens(self) -> list[AgentToken]:
+        """Tokens not revoked, sorted by agent_id then token_hash."""
+        ...
+
     # -- invoices --------------------------------------------------------------------------
     def save_invoices(self, invoices: Sequence[StoredInvoice]) -> None:
         """Insert or replace drafts by key, in one transaction. Replacing an issued
@@ -175,6 +241,90 @@ class Store(Protocol):
         """Invoices (optionally of one period start), sorted by key."""
         ...
 
+    # -- invoice lifecycle (issue 4): numbering, outbox ------------------------------------
+    def load_invoice(self, key: str) -> StoredInvoice | None:
+        """One invoice by key, or None."""
+        ...
+
+    def load_invoices_ending_after(
+        self, instant: datetime, status: str | None = None
+    ) -> list[StoredInvoice]:
+        """Invoices whose period_end is after ``instant`` (optionally only those with
+        ``status``), sorted by key: the recent ones late usage may still change."""
+        ...
+
+    def issue_invoice(
+        self, key: str, series: str, issued_at: datetime, render: IssueRenderer
+    ) -> StoredInvoice:
+        """In ONE transaction: lock the draft ``key``, take the next number of ``series``
+        (1, 2, 3, ... without gaps), call ``render(draft, seq)`` for the issued document and
+        its outbox events, record the number, flip the invoice to ``issued`` and add the
+        events to the outbox. Any failure (render included) rolls everything back: no gap,
+        no duplicate. A missing key raises ``KeyError``; an issued one
+        ``IssuedInvoiceError``."""
+        ...
+
+    def delete_drafts(self, keys: Sequence[str]) -> int:
+        """Delete the drafts among ``keys`` (issued invoices and unknown keys are left
+        alone); return how many were deleted."""
+        ...
+
+    def invoice_numbers(self, series: str | None = None) -> list[InvoiceNumber]:
+        """Numbers given so far (optionally of one series), sorted by series and seq."""
+        ...
+
+    def pending_billing_events(self, limit: int = 1000) -> list[BillingEvent]:
+        """Outbox events not yet marked published, oldest first (created_at, event_id)."""
+        ...
+
+    def mark_billing_events_published(
+        self, event_ids: Sequence[str], published_at: datetime
+    ) -> int:
+        """Mark events published (those still pending); return how many were marked now."""
+        ...
+
+    def usage_batches(
+        self, subscription_id: str, meter: str, start: datetime, end: datetime
+    ) -> pl.DataFrame:
+        """The batches (SOURCE_BATCH_SCHEMA) that added to usage_hourly of (subscription,
+        meter) with start <= hour_start < end, with their Kafka position and how many of
+        those hours each touched; sorted by topic, partition, offset. Written by write_rated
+        (batch_usage) from schema version 3 on: batches counted before are not listed."""
+        ...
+
 
 class IssuedInvoiceError(RuntimeError):
     """An issued invoice never changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class BillingEvent:
+    """An outbox row: one Kafka record to publish (at least once; dedupe by event_id)."""
+
+    event_id: str
+    topic: str
+    key: str  # the Kafka key (the account id for invoice.issued)
+    value: str  # JSON text
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRendering:
+    """What the invoicer makes of a draft once the store gave it a number."""
+
+    number: str  # e.g. "ML-2026-000001"
+    document: str  # the issued document (canonical JSON)
+    events: tuple[BillingEvent, ...]  # outbox rows written in the same transaction
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceNumber:
+    invoice_key: str
+    series: str
+    seq: int
+    number: str
+    issued_at: datetime
+
+
+# render(draft, seq) -> the issued document; called inside the issue transaction.
+IssueRenderer = Callable[[StoredInvoice, int], IssueRendering]

@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from aggregation.ports import Store, StoredInvoice, UsageTotal
+from invoicer.adjustments import reconcile
 from invoicer.documents import to_stored_invoice
-from invoicer.invoice import Invoice, InvoiceLine, make_invoice
+from invoicer.invoice import Invoice, InvoiceLine
 from invoicer.lines import (
     ChargeConfigurationError,
     SubscriptionPeriod,
     hourly_lines,
     recurring_line,
-    usage_line,
+    usage_lines,
 )
-from invoicer.periods import Period, calendar_month, format_instant, to_utc
+from invoicer.periods import Period, account_period, format_instant, to_utc
+from invoicer.totals import finish_invoice
 from rating.catalog import DEFAULT_GRACE, Account, Catalog, Resource, Subscription
 
 
@@ -53,6 +55,7 @@ class CloseResult:
     label: str  # "2026-10"
     invoices: tuple[Invoice, ...]  # sorted by key
     stored: tuple[StoredInvoice, ...]  # as saved, same order
+    untouched: tuple[str, ...] = ()  # issued invoices left as they are (see adjustments.py)
 
 
 def _duration_text(delta: timedelta) -> str:
@@ -159,6 +162,7 @@ def rate_account_period(
             raise ChargeConfigurationError(
                 f"subscription {subscription.id!r} refers to unknown plan {subscription.plan_id!r}"
             )
+        plan = account.plan_for(plan)  # the account's contract prices, if any
         sp = SubscriptionPeriod(account, subscription, plan, period)
         if plan.recurring is not None:
             line = recurring_line(sp, plan.recurring)
@@ -175,8 +179,8 @@ def rate_account_period(
                 raise ChargeConfigurationError(
                     f"plan {plan.id!r} prices unknown meter {charge.meter!r}"
                 )
-            lines.append(usage_line(sp, charge, meter, total))
-    return make_invoice(account.id, account.name, account.currency, period, lines)
+            lines.extend(usage_lines(sp, charge, meter, total))
+    return finish_invoice(catalog, account, period, lines, subscriptions)
 
 
 def _has_business(subscriptions: Iterable[Subscription], period: Period, invoice: Invoice) -> bool:
@@ -198,7 +202,7 @@ def close_period(
     now = to_utc("now", now)
     label = f"{year:04d}-{month:02d}"
     accounts = sorted(catalog.accounts.values(), key=lambda a: a.id)
-    periods = {a.id: calendar_month(year, month, a.timezone) for a in accounts}
+    periods = {a.id: account_period(a, year, month) for a in accounts}
 
     index = CatalogIndex.of(catalog)
     pending = []
@@ -229,7 +233,60 @@ def close_period(
                 invoices.append(invoice)
 
     invoices.sort(key=lambda i: i.key)
+    # Issued invoices stay as they are; changes to their periods become adjustment drafts.
+    invoices, untouched = _with_adjustments(store, catalog, invoices, set(periods.values()), now)
     stored = tuple(to_stored_invoice(i) for i in invoices)
     if stored:
         store.save_invoices(stored)
-    return CloseResult(label=label, invoices=tuple(invoices), stored=stored)
+    return CloseResult(label=label, invoices=tuple(invoices), stored=stored, untouched=untouched)
+
+
+# -- lifecycle: late usage after issue (invoicer/adjustments.py) -------------------------------
+
+# Issued invoices whose period ended within the meters' largest max lateness plus this margin
+# are re-rated by every close (a monthly close must see usage that arrived up to the last day).
+ADJUSTMENT_LOOKBACK_MARGIN = timedelta(days=45)
+
+
+def rerate_periods(
+    store: Store,
+    catalog: Catalog,
+    requests: Sequence[tuple[str, Period]],
+    index: CatalogIndex | None = None,
+) -> list[Invoice | None]:
+    """The fresh draft of each (account, period), or None where the account has no
+    business in it; one usage query per distinct period."""
+    index = index or CatalogIndex.of(catalog)
+    totals: dict[Period, dict[str, list[UsageTotal]]] = {}
+    for period in sorted({p for _, p in requests}, key=lambda p: (p.start, p.end, p.timezone)):
+        ids = sorted({s.id for a, q in requests if q == period for s in index.subscriptions(a)})
+        by_subscription: dict[str, list[UsageTotal]] = defaultdict(list)
+        if ids:
+            for total in store.usage_totals(period.start, period.end, ids):
+                by_subscription[total.subscription_id].append(total)
+        totals[period] = by_subscription
+    out: list[Invoice | None] = []
+    for account_id, period in requests:
+        subscriptions = index.subscriptions(account_id)
+        usage = [t for s in subscriptions for t in totals[period].get(s.id, ())]
+        invoice = rate_account_period(catalog, account_id, period, usage, index)
+        out.append(invoice if _has_business(subscriptions, period, invoice) else None)
+    return out
+
+
+def _with_adjustments(
+    store: Store, catalog: Catalog, invoices: list[Invoice], periods: set[Period], now: datetime
+) -> tuple[list[Invoice], tuple[str, ...]]:
+    lateness = max((m.max_lateness for m in catalog.meters.values()), default=timedelta(0))
+    # Only issued invoices matter (drafts are simply replaced): those of the periods closed
+    # now, and those that ended within the lookback window.
+    since = min([now - lateness - ADJUSTMENT_LOOKBACK_MARGIN, *(p.start for p in periods)])
+    existing = store.load_invoices_ending_after(since, status="issued")
+    # An account no longer in the catalog cannot be re-rated: its invoices are left alone.
+    known = [s for s in existing if s.account_id in catalog.accounts]
+    index = CatalogIndex.of(catalog)
+    saved, untouched, obsolete = reconcile(
+        invoices, known, lambda requests: rerate_periods(store, catalog, requests, index)
+    )
+    store.delete_drafts(obsolete)
+    return saved, tuple(untouched)

@@ -59,7 +59,7 @@ def line_to_dict(line: InvoiceLine) -> dict[str, JsonValue]:
 
 def invoice_to_dict(invoice: Invoice) -> dict[str, JsonValue]:
     period = invoice.period
-    return {
+    document: dict[str, JsonValue] = {
         "schema": SCHEMA,
         "key": invoice.key,
         "status": invoice.status,
@@ -79,11 +79,20 @@ def invoice_to_dict(invoice: Invoice) -> dict[str, JsonValue]:
         "total_minor": invoice.total_minor,
         "total": format_minor(invoice.total_minor, invoice.currency),
     }
+    if invoice.document_type != "invoice":  # absent on invoices: their bytes stay as they were
+        document["document_type"] = invoice.document_type
+        document["adjusts"] = invoice.adjusts
+    return document
 
 
 def invoice_to_json(invoice: Invoice) -> str:
     """The invoice as canonical JSON text (byte-identical for identical invoices)."""
-    return json.dumps(invoice_to_dict(invoice), sort_keys=True, indent=2, ensure_ascii=False)
+    return canonical_json(invoice_to_dict(invoice))
+
+
+def canonical_json(document: JsonValue) -> str:
+    """Keys sorted, two-space indent, UTF-8 text, no trailing newline."""
+    return json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False)
 
 
 def to_stored_invoice(invoice: Invoice) -> StoredInvoice:

@@ -14,6 +14,10 @@ class LineKind(StrEnum):
     RECURRING = "recurring"
     HOURLY = "hourly"
     USAGE = "usage"
+    DISCOUNT = "discount"  # a campaign's negative line (BILLING-SEMANTICS §6)
+    COMMITMENT = "commitment"  # the minimum-commitment true-up (§6)
+    TAX = "tax"  # one per rate, or per taxed line with line-level rounding (§7)
+    ADJUSTMENT = "adjustment"  # late usage after issue (BILLING-SEMANTICS §10)
 
 
 class InvoiceError(ValueError):
@@ -63,6 +67,13 @@ class InvoiceLine:
     included_quantity: Decimal | None = None
     # hourly lines: the cap that limited the amount, when it did
     cap: Decimal | None = None
+    # graduated and volume usage lines: the tier (1-based) the quantity is priced at
+    tier: int | None = None
+    # discount and tax lines: the key of the line they apply to, when it is one line
+    applies_to: str | None = None
+    # tax lines: the rate in percent and the jurisdiction
+    tax_rate: Decimal | None = None
+    jurisdiction: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -89,6 +100,17 @@ class Invoice:
     subtotal_minor: int
     total_minor: int
     status: str = "draft"
+    # "invoice", or for a correction of an issued invoice "adjustment" (total >= 0) or
+    # "credit_note" (total < 0); ``adjusts`` is then the key of the corrected invoice.
+    document_type: str = "invoice"
+    adjusts: str | None = None
+    # Notes the invoice must print (e.g. the EU reverse-charge statement), in order.
+    notes: tuple[str, ...] = ()
+
+    @property
+    def tax_minor(self) -> int:
+        """The sum of the tax lines."""
+        return sum(line.amount_minor for line in self.lines if line.kind is LineKind.TAX)
 
     def __post_init__(self) -> None:
         keys = [line.key for line in self.lines]
@@ -102,10 +124,13 @@ class Invoice:
                     f"invoice {self.key}: line {line.key} is in {line.currency}, "
                     f"not {self.currency}"
                 )
-        if self.subtotal_minor != sum(line.amount_minor for line in self.lines):
-            raise InvoiceError(f"invoice {self.key}: subtotal is not the sum of its lines")
-        if self.total_minor != self.subtotal_minor:  # taxes arrive with issue 4
-            raise InvoiceError(f"invoice {self.key}: total differs from subtotal without taxes")
+        net = sum(line.amount_minor for line in self.lines if line.kind is not LineKind.TAX)
+        if self.subtotal_minor != net:
+            raise InvoiceError(
+                f"invoice {self.key}: subtotal is not the sum of its lines before tax"
+            )
+        if self.total_minor != self.subtotal_minor + self.tax_minor:
+            raise InvoiceError(f"invoice {self.key}: total is not subtotal + tax lines")
 
 
 def make_invoice(
@@ -114,10 +139,14 @@ def make_invoice(
     currency: str,
     period: Period,
     lines: list[InvoiceLine] | tuple[InvoiceLine, ...],
+    *,
+    notes: tuple[str, ...] = (),
 ) -> Invoice:
-    """An invoice with its lines sorted by key and its totals summed from rounded lines."""
+    """An invoice with its lines sorted by key and its totals summed from rounded lines:
+    subtotal = the lines before tax, total = subtotal + the tax lines."""
     ordered = tuple(sorted(lines, key=lambda line: line.key))
-    subtotal_minor = sum(line.amount_minor for line in ordered)
+    subtotal_minor = sum(line.amount_minor for line in ordered if line.kind is not LineKind.TAX)
+    tax_minor = sum(line.amount_minor for line in ordered if line.kind is LineKind.TAX)
     return Invoice(
         key=invoice_key(account_id, period),
         account_id=account_id,
@@ -126,5 +155,6 @@ def make_invoice(
         period=period,
         lines=ordered,
         subtotal_minor=subtotal_minor,
-        total_minor=subtotal_minor,
+        total_minor=subtotal_minor + tax_minor,
+        notes=notes,
     )

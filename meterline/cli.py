@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -97,28 +98,104 @@ def cmd_collector_serve(args: argparse.Namespace) -> int:
     from collectors.grpc_server import serve
     from collectors.ingest import Ingestor, IngestSettings
     from collectors.kafka_sink import KafkaSink
-    from meterline.wiring import current_catalog, directory_for, open_migrated_store, system_clock
-
-    settings = _settings(args)
-    store = open_migrated_store(settings.store_url)
-    try:
-        directory = directory_for(current_catalog(store))
-    finally:
-        store.close()
-    host, _, port = (args.listen or settings.collector_listen).rpartition(":")
-    sink = KafkaSink(settings.kafka_bootstrap)
-    ingestor = Ingestor(
-        directory,
-        sink,
-        IngestSettings(collector_id=settings.collector_id, topic=settings.usage_topic),
+    from collectors.prometheus_metrics import MetricsServer, PrometheusMetrics
+    from meterline.wiring import (
+        CollectorRefresher,
+        open_migrated_store,
+        read_collector_inputs,
         system_clock,
     )
+
+    settings = _settings(args)
+    open_migrated_store(settings.store_url).close()
+    inputs = read_collector_inputs(settings.store_url)
+    authenticate = not args.insecure_no_auth
+    if not authenticate:
+        print(
+            "meterline: WARNING: --insecure-no-auth: any caller may send any agent's batches",
+            file=sys.stderr,
+        )
+    elif len(inputs.authenticator) == 0:
+        print(
+            "meterline: no active agent token yet: every call is refused until one is issued "
+            "(`meterline agent token issue`)",
+            file=sys.stderr,
+        )
+    host, _, port = (args.listen or settings.collector_listen).rpartition(":")
+    metrics = PrometheusMetrics()
+    metrics_server: MetricsServer | None = None
+    if args.metrics_port is not None:
+        metrics_server = metrics.serve(args.metrics_port, settings.collector_metrics_host)
+    sink = KafkaSink(settings.kafka_bootstrap)
+    ingestor = Ingestor(
+        inputs.directory,
+        sink,
+        IngestSettings(
+            collector_id=settings.collector_id,
+            topic=settings.usage_topic,
+            rejects_topic=settings.rejects_topic,
+            max_in_flight_batches_per_process=settings.collector_max_in_flight_batches_per_process,
+        ),
+        system_clock,
+        authenticator=inputs.authenticator if authenticate else None,
+        metrics=metrics,
+    )
+    refresher = CollectorRefresher(
+        ingestor, settings.store_url, settings.collector_refresh_s, authenticate=authenticate
+    )
+
+    async def run() -> None:
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        refreshing = asyncio.create_task(refresher.run())
+        try:
+            await serve(ingestor, host, int(port))  # stops gracefully when cancelled
+        finally:
+            refreshing.cancel()
+            await asyncio.gather(refreshing, return_exceptions=True)
+
     try:
-        asyncio.run(serve(ingestor, host, int(port)))
-    except KeyboardInterrupt:
+        asyncio.run(run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     finally:
         sink.close()
+        if metrics_server is not None:
+            metrics_server.stop()
+    return EXIT_OK
+
+
+def cmd_agent_token_issue(args: argparse.Namespace) -> int:
+    from meterline.wiring import issue_agent_token, open_migrated_store, system_clock
+
+    scope = [entry.strip() for entry in args.scope.split(",")]
+    store = open_migrated_store(_settings(args).store_url)
+    try:
+        token = issue_agent_token(store, args.agent_id, scope, system_clock())
+    finally:
+        store.close()
+    print(token)
+    print(
+        f"token issued for agent {args.agent_id!r}, scope {','.join(scope)}; it is shown only "
+        "this once (the store keeps its sha256): give it to the agent as a secret",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_agent_token_revoke(args: argparse.Namespace) -> int:
+    from meterline.wiring import open_migrated_store, system_clock
+
+    store = open_migrated_store(_settings(args).store_url)
+    try:
+        revoked = store.revoke_agent_tokens(args.agent_id, system_clock())
+    finally:
+        store.close()
+    print(
+        f"revoked {revoked} active token(s) of agent {args.agent_id!r}; collectors refuse "
+        "them from their next refresh"
+    )
     return EXIT_OK
 
 
@@ -175,13 +252,58 @@ def cmd_agent_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         agent_prefix=args.agent_prefix,
     )
+    tokens: dict[str, str] | None = None
+    if args.tokens_file is not None:
+        loaded = json.loads(Path(args.tokens_file).read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in loaded.items()
+        ):
+            raise UsageError(f"{args.tokens_file}: expected a JSON object agent_id -> token")
+        tokens = loaded
     truth = asyncio.run(
-        simulate_fleet(args.target, spec, ground_truth_path=Path(args.ground_truth))
+        simulate_fleet(args.target, spec, ground_truth_path=Path(args.ground_truth), tokens=tokens)
     )
     print(
         f"sent {truth.samples_sent:,} samples in {truth.batches_sent:,} batches, "
         f"{truth.samples_accepted:,} accepted; ground truth in {args.ground_truth}"
     )
+    for code, count in sorted(truth.rejections_by_code.items()):
+        print(f"  rejected {count:,} samples: {code}")
+    return EXIT_OK
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    from collectors.agent_daemon import AgentDaemon, DaemonSettings, read_token_file
+    from collectors.host_usage import HostReader
+    from collectors.spool import Spool, SpoolSettings
+    from meterline.wiring import system_clock
+
+    settings = DaemonSettings(
+        target=args.target,
+        agent_id=args.agent_id,
+        resource_id=args.resource_id,
+        interval_s=args.interval,
+        token=read_token_file(Path(args.token_file)) if args.token_file else None,
+    )
+    spool = Spool(
+        Path(args.spool_dir),
+        args.agent_id,
+        SpoolSettings(max_batches=args.max_spool_batches, max_bytes=args.max_spool_bytes),
+    )
+    reader = HostReader(mounts=tuple(Path(m) for m in args.mount or ["/"]))
+    daemon = AgentDaemon(settings, spool, reader, system_clock)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, daemon.stop)
+        await daemon.run()
+
+    try:
+        asyncio.run(run())
+    finally:
+        spool.close()
+    print(daemon.stats)
     return EXIT_OK
 
 
@@ -255,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="host:port (default: METERLINE_COLLECTOR_LISTEN)")
     _store_option(serve)
     _kafka_option(serve)
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="accept calls without an agent token (development only)",
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on PORT"
+    )
     serve.set_defaults(handler=cmd_collector_serve)
 
     sub = command("rate", cmd_rate, "run a rating worker (consumer group member)")
@@ -278,14 +408,59 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--agent-prefix", default="sim")
     simulate.add_argument("--ground-truth", default="ground_truth.json")
+    simulate.add_argument(
+        "--tokens-file", help="JSON object agent_id -> bearer token (collector with auth)"
+    )
     _store_option(simulate)
     simulate.set_defaults(handler=cmd_agent_simulate)
 
-    sub = command("close", cmd_close, "close a billing period: draft invoices for every account")
-    sub.add_argument("--period", required=True, help="YYYY-MM, in each account's timezone")
+    token = agent_commands.add_parser("token", help="issue or revoke agent bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    issue = token_commands.add_parser(
+        "issue", help="create a token for an agent and print it (only this once)"
+    )
+    issue.add_argument("agent_id")
+    issue.add_argument(
+        "--scope",
+        required=True,
+        help="resource ids the agent may report, comma separated, or '*' for all",
+    )
+    _store_option(issue)
+    issue.set_defaults(handler=cmd_agent_token_issue)
+    revoke = token_commands.add_parser("revoke", help="revoke every active token of an agent")
+    revoke.add_argument("agent_id")
+    _store_option(revoke)
+    revoke.set_defaults(handler=cmd_agent_token_revoke)
+    run = agent_commands.add_parser(
+        "run",
+        help="read this host's usage from /proc and statvfs, spool it, stream it to a collector",
+    )
+    run.add_argument("--target", required=True, help="collector host:port")
+    run.add_argument("--agent-id", required=True)
+    run.add_argument("--resource-id", required=True, help="the resource this host reports as")
+    run.add_argument("--spool-dir", required=True, help="one directory per agent")
+    run.add_argument("--interval", type=int, default=10, help="seconds between readings")
+    run.add_argument("--token-file", help="file holding the agent's bearer token")
+    run.add_argument(
+        "--mount", action="append", help="mount point for storage.block.bytes (repeat; default /)"
+    )
+    run.add_argument("--max-spool-batches", type=int, default=10_000)
+    run.add_argument("--max-spool-bytes", type=int, default=256 * 1024**2)
+    run.set_defaults(handler=cmd_agent_run)
+
+    from meterline import billing_cli
+
+    sub = command(
+        "close",
+        billing_cli.scheduled_or(cmd_close),
+        "close a billing period: draft invoices for every account",
+    )
+    sub.add_argument("--period", help="YYYY-MM, in each account's timezone")
     sub.add_argument("--now", type=_instant, help="the clock (default: now)")
     sub.add_argument("--format", choices=("text", "json"), default="text")
     _store_option(sub)
+    billing_cli.add_scheduler_options(sub)
+    billing_cli.register(commands, command, _store_option, _kafka_option)
 
     sub = command("demo", cmd_demo, "the whole pipeline on embedded defaults, one month")
     sub.add_argument("--workdir", default="var/demo")

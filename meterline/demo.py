@@ -43,6 +43,7 @@ DEMO_NOW = datetime(2026, 11, 1, 12, tzinfo=UTC)
 INTERVAL_S = 300
 USAGE_TOPIC = "usage.samples.v1"
 DEADLETTER_TOPIC = "usage.deadletter.v1"
+REJECTS_TOPIC = "usage.rejects.v1"
 
 # What each kind of resource reports, and the value range of one 300 s sample.
 METERS_BY_KIND: Mapping[str, tuple[MeterSpec, ...]] = {
@@ -144,7 +145,8 @@ def run_demo(workdir: Path) -> int:
     print(f"meterline demo: working in {workdir}")
 
     with EmbeddedBroker(workdir / "broker") as broker:
-        create_topics(broker.bootstrap, [USAGE_TOPIC, DEADLETTER_TOPIC], partitions=4)
+        topics = [USAGE_TOPIC, DEADLETTER_TOPIC, REJECTS_TOPIC]
+        create_topics(broker.bootstrap, topics, partitions=4)
         store = open_migrated_store(f"duckdb://{(workdir / 'meterline.duckdb').resolve()}")
         try:
             applied = read_catalog_file(DEMO_CATALOG)

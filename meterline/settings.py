@@ -19,4 +19,12 @@ class Settings(BaseSettings):
     consumer_group: str = "meterline-rating"
     collector_listen: str = Field(default="127.0.0.1:50051", description="host:port for gRPC")
     collector_id: str = "collector-1"
+    rejects_topic: str = Field(default="usage.rejects.v1", description="rejected samples")
+    collector_refresh_s: float = Field(
+        default=10.0, gt=0, le=3600, description="re-read catalog and agent tokens, seconds"
+    )
+    collector_max_in_flight_batches_per_process: int = Field(default=4096, ge=1, le=1_000_000)
+    collector_metrics_host: str = Field(default="127.0.0.1", description="/metrics bind address")
     rating_max_records_per_poll: int = Field(default=500, ge=1, le=100_000)
+    billing_events_topic: str = Field(default="billing.events.v1", description="invoice.issued")
+    invoice_issuer: str = Field(default="ML", description="invoice number series prefix")

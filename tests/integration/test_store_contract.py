@@ -25,6 +25,8 @@ from aggregation.ports import (
     HOURLY_SCHEMA,
     LEDGER_SCHEMA,
     PARTIALS_SCHEMA,
+    SPANS_SCHEMA,
+    AgentToken,
     ConsumedOffset,
     IssuedInvoiceError,
     Store,
@@ -83,11 +85,14 @@ def invoice(key: str, *, status: str = "draft", total: int = 100, doc: str = "{}
 # -- schema -------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["postgresql", "duckdb"])
+@pytest.fixture(
+    params=["postgresql", "duckdb", pytest.param("timescaledb", marks=pytest.mark.timescaledb)]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty, unmigrated store, in each form open_store() accepts for files."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("pg_url")
+    if request.param in ("postgresql", "timescaledb"):
+        fixture = "pg_url" if request.param == "postgresql" else "timescale_url"
+        url: str = request.getfixturevalue(fixture)
         return url
     return f"duckdb://{tmp_path / 'fresh.duckdb'}"
 
@@ -627,3 +632,242 @@ def test_pg_concurrent_writers_of_one_batch_count_it_once(
         assert result == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=1)
     assert pg_store.ledger_count() == 1
     assert hourly(pg_store) == [("sub-1", "cpu", hour(0), 100, 7, 3)]
+
+
+# -- agent tokens ---------------------------------------------------------------------------
+
+HASH_A1 = "a1" * 32
+HASH_A2 = "a2" * 32
+HASH_B1 = "b1" * 32
+
+
+def test_agent_tokens_are_saved_listed_and_revoked_per_agent(store: Store) -> None:
+    assert store.active_agent_tokens() == []
+    store.save_agent_token(HASH_A2, "agent-a", ["srv-2", "srv-1", "srv-1"], H0)
+    store.save_agent_token(HASH_A1, "agent-a", ["*"], H0 + timedelta(hours=1))
+    store.save_agent_token(HASH_B1, "agent-b", ["srv-9"], H0)
+    assert store.active_agent_tokens() == [
+        AgentToken(HASH_A1, "agent-a", ("*",), H0 + timedelta(hours=1), None),
+        AgentToken(HASH_A2, "agent-a", ("srv-1", "srv-2"), H0, None),  # sorted, deduplicated
+        AgentToken(HASH_B1, "agent-b", ("srv-9",), H0, None),
+    ]
+    assert store.revoke_agent_tokens("agent-a", H0 + timedelta(days=1)) == 2
+    assert store.revoke_agent_tokens("agent-a", H0 + timedelta(days=2)) == 0  # already revoked
+    assert store.revoke_agent_tokens("nobody", H0) == 0
+    assert [t.agent_id for t in store.active_agent_tokens()] == ["agent-b"]
+    # A revoked token's hash stays taken: it can never be issued again.
+    with pytest.raises(ValueError, match="already stored"):
+        store.save_agent_token(HASH_A1, "agent-a", ["*"], H0)
+
+
+@pytest.mark.parametrize(
+    ("token_hash", "agent_id", "scope", "message"),
+    [
+        ("A1" * 32, "agent-a", ["*"], "64 lowercase hex"),
+        ("a1" * 31, "agent-a", ["*"], "64 lowercase hex"),
+        (HASH_A1, "", ["*"], "agent_id must not be empty"),
+        (HASH_A1, "agent-a", [], "at least one resource id"),
+        (HASH_A1, "agent-a", ["*", "srv-1"], "cannot be combined"),
+        (HASH_A1, "agent-a", [""], "non-empty strings"),
+        (HASH_A1, "agent-a", "srv-1", "not the string"),
+    ],
+)
+def test_bad_agent_tokens_are_refused(
+    store: Store, token_hash: str, agent_id: str, scope: list[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.save_agent_token(token_hash, agent_id, scope, H0)
+    with pytest.raises(ValueError, match="naive"):
+        store.save_agent_token(HASH_A1, "agent-a", ["*"], datetime(2026, 1, 1))  # noqa: DTZ001
+    assert store.active_agent_tokens() == []
+
+
+# -- resource spans -------------------------------------------------------------------------
+
+
+def spans(*rows: tuple[str, str, str, datetime, datetime | None]) -> pl.DataFrame:
+    return pl.DataFrame(list(rows), schema=SPANS_SCHEMA, orient="row")
+
+
+def test_resource_spans_are_upserted_and_read_by_overlap(store: Store) -> None:
+    written = store.write_resource_spans(
+        spans(
+            ("srv-2", "sub-1", "vps-s", hour(0), None),
+            ("srv-1", "sub-1", "vps-s", hour(-48), hour(2)),
+            ("srv-1", "sub-2", "vps-m", hour(2), None),
+            ("srv-3", "sub-3", "vps-s", hour(5), hour(6)),
+        )
+    )
+    assert written == 4
+    # Closing a span is writing it again with its end; the plan may be corrected too.
+    assert store.write_resource_spans(spans(("srv-2", "sub-1", "vps-l", hour(0), hour(3)))) == 1
+
+    frame = store.resource_spans(hour(2), hour(4))
+    assert frame.schema == pl.Schema(SPANS_SCHEMA)
+    assert frame.rows() == [
+        ("srv-1", "sub-2", "vps-m", hour(2), None),  # [h-48, h2) ends where the range starts
+        ("srv-2", "sub-1", "vps-l", hour(0), hour(3)),
+    ]
+    assert store.resource_spans(*EVER, ["srv-1", "nobody"])["span_start"].to_list() == [
+        hour(-48),
+        hour(2),
+    ]
+    assert store.resource_spans(hour(6), hour(7), ["srv-3"]).is_empty()
+    assert store.resource_spans(*EVER, []).is_empty()
+    assert store.write_resource_spans(spans()) == 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            spans(("srv-1", "sub-1", "p", hour(1), hour(1))),
+            r"ending at or before their start .*'srv-1'",
+        ),
+        (
+            spans(("srv-1", "sub-1", "p", hour(1), None), ("srv-1", "sub-2", "p", hour(1), None)),
+            r"different rows for the same \(resource_id, span_start\)",
+        ),
+        (
+            spans(("srv-1", "sub-1", "p", hour(1), None)).with_columns(
+                plan_id=pl.lit(None, pl.String())
+            ),
+            r"column 'plan_id' has 1 null",
+        ),
+        (spans().drop("span_end"), r"missing columns \['span_end'\]"),
+    ],
+)
+def test_bad_resource_spans_are_refused(store: Store, bad: pl.DataFrame, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.write_resource_spans(bad)
+    assert store.resource_spans(*EVER).is_empty()
+
+
+# -- PostgreSQL without TimescaleDB: native monthly partitions -------------------------------
+
+
+def _partitions(conn: psycopg.Connection[Any], table: str) -> dict[str, int]:
+    """Each partition of ``table`` (by name) with how many rows it holds."""
+    names = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = %s::regclass ORDER BY 1",
+        (table,),
+    ).fetchall()
+    counts: dict[str, int] = {}
+    for (name,) in names:
+        row = conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()
+        assert row is not None
+        counts[name] = int(row[0])
+    return counts
+
+
+def test_pg_partitions_by_month_are_created_on_demand(pg_store: PgStore, pg_url: str) -> None:
+    assert pg_store.layout() == "partitioned"
+    october_end = datetime(2026, 10, 31, 23, tzinfo=UTC)
+    november = datetime(2026, 11, 1, tzinfo=UTC)
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        partitioned = admin.execute(
+            "SELECT partrelid::regclass::text, partstrat FROM pg_partitioned_table ORDER BY 1"
+        ).fetchall()
+        assert partitioned == [("resource_spans", "r"), ("usage_hourly", "r")]
+        assert _partitions(admin, "usage_hourly") == {"usage_hourly_default": 0}
+
+        pg_store.write_rated(
+            ledger(("agent-1", 1), ("agent-1", 2)),
+            partials(
+                ("agent-1", 1, "sub-1", "cpu", 0, 1, 1, 1),  # 2026-10-01T00Z
+                ("agent-1", 2, "sub-1", "cpu", 743, 2, 2, 1),  # 2026-10-31T23Z
+                ("agent-1", 2, "sub-1", "cpu", 744, 3, 3, 1),  # 2026-11-01T00Z
+            ),
+            [],
+            RATED_AT,
+        )
+        assert hour(743) == october_end
+        assert hour(744) == november
+        assert _partitions(admin, "usage_hourly") == {
+            "usage_hourly_default": 0,
+            "usage_hourly_p2026_10": 2,
+            "usage_hourly_p2026_11": 1,
+        }
+        bounds = admin.execute(
+            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class "
+            "WHERE relname = 'usage_hourly_p2026_11'"
+        ).fetchone()
+        assert bounds == (
+            "FOR VALUES FROM ('2026-11-01 00:00:00+00') TO ('2026-12-01 00:00:00+00')",
+        )
+
+        pg_store.write_resource_spans(
+            spans(
+                ("srv-1", "sub-1", "p", october_end, november),
+                ("srv-1", "sub-1", "p", november, None),
+            )
+        )
+        assert _partitions(admin, "resource_spans") == {
+            "resource_spans_default": 0,
+            "resource_spans_p2026_10": 1,
+            "resource_spans_p2026_11": 1,
+        }
+
+        # The DEFAULT partition is the safety net for a writer that did not ask for its
+        # month (here: raw SQL); the next write of that month moves those rows out.
+        december = datetime(2026, 12, 5, tzinfo=UTC)
+        admin.execute(
+            "INSERT INTO usage_hourly VALUES ('sub-9', 'cpu', %s, 5, 5, 1, %s)",
+            (december, RATED_AT),
+        )
+        assert _partitions(admin, "usage_hourly")["usage_hourly_default"] == 1
+        pg_store.write_rated(
+            ledger(("agent-1", 3)),
+            partials(("agent-1", 3, "sub-9", "cpu", 24 * 65, 1, 1, 1)),  # 2026-12-05T00Z
+            [],
+            RATED_AT,
+        )
+        assert _partitions(admin, "usage_hourly") == {
+            "usage_hourly_default": 0,
+            "usage_hourly_p2026_10": 2,
+            "usage_hourly_p2026_11": 1,
+            "usage_hourly_p2026_12": 1,
+        }
+    assert hourly(pg_store)[-1] == ("sub-9", "cpu", december, 6, 5, 2)
+    with pytest.raises(RuntimeError, match="needs TimescaleDB"):
+        pg_store.set_usage_retention(timedelta(days=400))
+
+
+def test_pg_migration_4_moves_existing_usage_into_month_partitions(pg_url: str) -> None:
+    """A database at version 3 with usage in two months: version 4 partitions it, rows kept."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute(migrations.SCHEMA_MIGRATIONS_DDL)
+        for migration in migrations.discover("postgresql")[:3]:
+            with conn.transaction():
+                conn.execute(migration.sql)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (%s, %s, now())",
+                    (migration.version, migration.name),
+                )
+        conn.execute(
+            "INSERT INTO usage_hourly VALUES ('sub-1', 'cpu', %s, 7, 7, 1, %s), "
+            "('sub-1', 'cpu', %s, 8, 8, 1, %s)",
+            (hour(0), RATED_AT, hour(744), RATED_AT),
+        )
+        store = PgStore(pg_url)
+        try:
+            assert store.migrate() == [m.version for m in migrations.discover("postgresql")[3:]]
+            assert store.layout() == "partitioned"
+            assert hourly(store) == [
+                ("sub-1", "cpu", hour(0), 7, 7, 1),
+                ("sub-1", "cpu", hour(744), 8, 8, 1),
+            ]
+        finally:
+            store.close()
+        assert _partitions(conn, "usage_hourly") == {
+            "usage_hourly_default": 0,
+            "usage_hourly_p2026_10": 1,
+            "usage_hourly_p2026_11": 1,
+        }
+        indexes = conn.execute(
+            "SELECT indexrelid::regclass::text FROM pg_index "
+            "WHERE indrelid = 'usage_hourly'::regclass ORDER BY 1"
+        ).fetchall()
+        assert indexes == [("usage_hourly_hour_start_idx",), ("usage_hourly_pkey",)]
