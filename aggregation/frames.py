@@ -88,14 +88,16 @@ def prepare_rated(
     # A batch delivered twice in one poll may bring its partial rows twice: identical rows
     # collapse. Two different rows for one (batch, subscription, meter, hour) cannot both
     # be right, so they are refused rather than summed.
-    unique_partials = partials.unique(maintain_order=True)
-    if unique_partials.height != unique_partials.select(PARTIAL_KEY).n_unique():
-        clashes = unique_partials.filter(pl.struct(PARTIAL_KEY).is_duplicated())
-        raise ValueError(
-            "partials frame holds different rows for the same (agent_id, seq, "
-            "subscription_id, meter, hour_start): aggregate each batch once; e.g. "
-            + _examples(clashes, PARTIAL_KEY)
-        )
+    unique_partials = partials  # no repeated key, so no repeated row (the usual case)
+    if partials.select(PARTIAL_KEY).is_duplicated().any():
+        unique_partials = partials.unique(maintain_order=True)
+        if unique_partials.height != unique_partials.select(PARTIAL_KEY).n_unique():
+            clashes = unique_partials.filter(pl.struct(PARTIAL_KEY).is_duplicated())
+            raise ValueError(
+                "partials frame holds different rows for the same (agent_id, seq, "
+                "subscription_id, meter, hour_start): aggregate each batch once; e.g. "
+                + _examples(clashes, PARTIAL_KEY)
+            )
     orphans = unique_partials.join(unique_ledger, on=BATCH_KEY, how="anti")
     if orphans.height:
         raise ValueError(
@@ -125,6 +127,31 @@ def prepare_rated(
         offsets=tuple(latest.values()),
         ledger_rows=ledger.height,
     )
+
+
+# Largest magnitude of a numeric(38,0) / Decimal(38,0) quantity.
+_QUANTITY_LIMIT = 10**38 - 1
+
+
+def sum_per_hour(partials: pl.DataFrame) -> pl.DataFrame:
+    """``partials`` summed per (subscription_id, meter, hour_start): sum of ``quantity``,
+    max of ``quantity_max``, sum of ``sample_count`` (the columns of PARTIALS_SCHEMA but
+    the batch key). Polars' decimal sum wraps on overflow, so when a sum could pass 38
+    digits (rows per hour row x largest |quantity| > 10^38 - 1) the rows come back
+    unsummed, for the database's exact sum (which raises) to do it."""
+    hourly = partials.select(*HOURLY_KEY, "quantity", "quantity_max", "sample_count")
+    if not hourly.height:
+        return hourly
+    summed = hourly.group_by(HOURLY_KEY).agg(
+        pl.col("quantity").sum(),
+        pl.col("quantity_max").max(),
+        pl.col("sample_count").sum(),
+        pl.len().alias("rows"),
+    )
+    largest = int(hourly["quantity"].abs().max() or 0)  # type: ignore[arg-type]
+    if largest * int(summed["rows"].max() or 0) > _QUANTITY_LIMIT:  # type: ignore[arg-type]
+        return hourly
+    return summed.drop("rows")
 
 
 def check_invoices(invoices: Sequence[StoredInvoice]) -> None:

@@ -4,7 +4,8 @@ One connection in autocommit mode; every operation is one short explicit transac
 adapter also works against a server where all clients share one backend session (PGlite
 with TimescaleDB). Bulk rows travel as arrays (``INSERT ... SELECT ... FROM unnest(...)``):
 a handful of round trips per call, never one statement per row, and no COPY (which PGlite
-does not support).
+does not support). write_rated's arrays are built whole-column from Polars buffers
+(``aggregation.pg_arrays``), not element by element.
 """
 
 from __future__ import annotations
@@ -16,11 +17,25 @@ from typing import Any
 
 import polars as pl
 import psycopg
+from psycopg.abc import DumperKey
+from psycopg.adapt import Dumper, PyFormat
+from psycopg.pq import Format
 
 from aggregation import migrations
 from aggregation.agent_tokens import check_agent_token, scope_from_json
-from aggregation.frames import check_invoices, prepare_rated, require_aware
+from aggregation.frames import (
+    BATCH_KEY,
+    RatedWrite,
+    check_invoices,
+    prepare_rated,
+    require_aware,
+    sum_per_hour,
+)
+from aggregation.lifecycle_events import check_events, latest_offsets, require_spans_of
+from aggregation.pg_arrays import PgArray, int4_array, int8_array, text_array, timestamptz_array
 from aggregation.ports import (
+    CHANGED_SCHEMA,
+    EVENTS_SCHEMA,
     HOURLY_SCHEMA,
     SOURCE_BATCH_SCHEMA,
     SPANS_SCHEMA,
@@ -30,45 +45,51 @@ from aggregation.ports import (
     InvoiceNumber,
     IssuedInvoiceError,
     IssueRenderer,
+    LifecycleOutcome,
+    SpanDeriver,
     StoredCatalog,
     StoredInvoice,
     UsageTotal,
     WriteOutcome,
 )
+from aggregation.replace import conflict as replace_conflict
+from aggregation.replace import prepare_replacement
 from aggregation.spans import check_spans
 
 # Any constant works; it only has to be the same for every Meterline process.
 _MIGRATION_LOCK_KEY = 0x6D657465726C696E  # "meterlin"
 
-# (1) Insert the batches not seen before; RETURNING names exactly those. (2) Add into
-# usage_hourly the partial rows of those batches only, summed per hour row first (an
-# upsert may touch each row once). A concurrent writer of the same batch waits on the
-# ledger key, then skips it, so each batch counts once.
-_WRITE_LEDGER_AND_HOURLY = """
-WITH new_batches AS (
-    INSERT INTO batch_ledger
-        (agent_id, seq, topic, partition, "offset", received_at, sample_count, rated_at)
-    SELECT b.agent_id, b.seq, b.topic, b.partition, b."offset", b.received_at,
-           b.sample_count, %(rated_at)s
-    FROM unnest(%(agent_id)b::text[], %(seq)b::bigint[], %(topic)b::text[],
-                %(partition)b::integer[], %(offset)b::bigint[],
-                %(received_at)b::timestamptz[], %(sample_count)b::bigint[])
-         AS b(agent_id, seq, topic, partition, "offset", received_at, sample_count)
-    ON CONFLICT (agent_id, seq) DO NOTHING
-    RETURNING agent_id, seq
-), upserted AS (
+# (1) Insert the batches not seen before; RETURNING names exactly those. A concurrent
+# writer of the same batch waits on the ledger key, then skips it, so each batch counts once.
+_INSERT_LEDGER = """
+INSERT INTO batch_ledger
+    (agent_id, seq, topic, partition, "offset", received_at, sample_count, rated_at)
+SELECT b.agent_id, b.seq, b.topic, b.partition, b."offset", b.received_at, b.sample_count,
+       %(rated_at)s
+FROM unnest(%(agent_id)b::text[], %(seq)b::bigint[], %(topic)b::text[],
+            %(partition)b::integer[], %(offset)b::bigint[],
+            %(received_at)b::timestamptz[], %(sample_count)b::bigint[])
+     AS b(agent_id, seq, topic, partition, "offset", received_at, sample_count)
+ON CONFLICT (agent_id, seq) DO NOTHING
+RETURNING agent_id, seq
+"""
+
+# (2) Add into usage_hourly the partial rows of the new batches only (the client keeps
+# those after (1) and sums them per hour row across the call first: an upsert may touch
+# each row once; the GROUP BY here is the server's exact numeric sum, which raises on
+# overflow), and record which hours each new batch added to (batch_usage, schema 3, for
+# `meterline explain`).
+_ADD_HOURLY_AND_SOURCES = """
+WITH upserted AS (
     INSERT INTO usage_hourly AS h
         (subscription_id, meter, hour_start, quantity, quantity_max, sample_count,
          updated_at)
     SELECT p.subscription_id, p.meter, p.hour_start, sum(p.quantity), max(p.quantity_max),
            sum(p.sample_count), %(rated_at)s
-    FROM unnest(%(p_agent_id)b::text[], %(p_seq)b::bigint[], %(p_subscription_id)b::text[],
-                %(p_meter)b::text[], %(p_hour_start)b::timestamptz[],
-                %(p_quantity)b::text[]::numeric[], %(p_quantity_max)b::text[]::numeric[],
-                %(p_sample_count)b::bigint[])
-         AS p(agent_id, seq, subscription_id, meter, hour_start, quantity, quantity_max,
-              sample_count)
-    JOIN new_batches AS n ON n.agent_id = p.agent_id AND n.seq = p.seq
+    FROM unnest(%(h_subscription_id)b::text[], %(h_meter)b::text[],
+                %(h_hour_start)b::timestamptz[], %(h_quantity)b::text[]::numeric[],
+                %(h_quantity_max)b::text[]::numeric[], %(h_sample_count)b::bigint[])
+         AS p(subscription_id, meter, hour_start, quantity, quantity_max, sample_count)
     GROUP BY p.subscription_id, p.meter, p.hour_start
     ON CONFLICT (subscription_id, meter, hour_start) DO UPDATE SET
         quantity = h.quantity + excluded.quantity,
@@ -77,15 +98,12 @@ WITH new_batches AS (
         updated_at = excluded.updated_at
     RETURNING 1
 ), sources AS (
-    -- (schema 3) which hours each new batch added to, for `meterline explain`
     INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
-    SELECT p.agent_id, p.seq, p.subscription_id, p.meter, p.hour_start
-    FROM unnest(%(p_agent_id)b::text[], %(p_seq)b::bigint[], %(p_subscription_id)b::text[],
-                %(p_meter)b::text[], %(p_hour_start)b::timestamptz[])
-         AS p(agent_id, seq, subscription_id, meter, hour_start)
-    JOIN new_batches AS n ON n.agent_id = p.agent_id AND n.seq = p.seq
+    SELECT * FROM unnest(%(u_agent_id)b::text[], %(u_seq)b::bigint[],
+                         %(u_subscription_id)b::text[], %(u_meter)b::text[],
+                         %(u_hour_start)b::timestamptz[])
 )
-SELECT (SELECT count(*) FROM new_batches), (SELECT count(*) FROM upserted)
+SELECT count(*) FROM upserted
 """
 
 # (3) Offsets never move backwards.
@@ -124,6 +142,69 @@ WHERE i.status = 'draft'
 RETURNING key
 """
 
+# Re-rating (replace_hourly), under the ledger lock. Batches counted into the hours but
+# missing from the re-rating; and batches of the re-rating not counted (yet). Up to three
+# of each, with how many there are.
+_REPLACE_MISSING = """
+SELECT agent_id, seq, count(*) OVER () FROM (
+    SELECT agent_id, seq FROM batch_usage
+    WHERE hour_start >= %(start)s AND hour_start < %(end)s
+    EXCEPT
+    SELECT * FROM unnest(%(b_agent_id)b::text[], %(b_seq)b::bigint[])
+) AS m ORDER BY agent_id, seq LIMIT 3
+"""
+_REPLACE_UNCOUNTED = """
+SELECT b.agent_id, b.seq, count(*) OVER ()
+FROM unnest(%(b_agent_id)b::text[], %(b_seq)b::bigint[]) AS b(agent_id, seq)
+WHERE NOT EXISTS (
+    SELECT 1 FROM batch_ledger AS l WHERE l.agent_id = b.agent_id AND l.seq = b.seq)
+ORDER BY b.agent_id, b.seq LIMIT 3
+"""
+# The new hour rows (summed by the database: exact, raises on overflow) replace the old
+# ones: changed rows are updated, equal rows left alone, rows not recomputed deleted; and
+# batch_usage of the hours is rewritten. Returns rows deleted, rows inserted or updated.
+_REPLACE_HOURLY = """
+WITH parts AS (
+    SELECT * FROM unnest(%(p_agent_id)b::text[], %(p_seq)b::bigint[],
+                         %(p_subscription_id)b::text[], %(p_meter)b::text[],
+                         %(p_hour_start)b::timestamptz[], %(p_quantity)b::text[]::numeric[],
+                         %(p_quantity_max)b::text[]::numeric[], %(p_sample_count)b::bigint[])
+         AS p(agent_id, seq, subscription_id, meter, hour_start, quantity, quantity_max,
+              sample_count)
+), fresh AS (
+    SELECT subscription_id COLLATE "C" AS subscription_id, meter COLLATE "C" AS meter,
+           hour_start, sum(quantity) AS quantity, max(quantity_max) AS quantity_max,
+           sum(sample_count) AS sample_count
+    FROM parts GROUP BY 1, 2, 3
+), deleted AS (
+    DELETE FROM usage_hourly AS h
+    WHERE h.hour_start >= %(start)s AND h.hour_start < %(end)s
+      AND NOT EXISTS (SELECT 1 FROM fresh AS f WHERE f.subscription_id = h.subscription_id
+                      AND f.meter = h.meter AND f.hour_start = h.hour_start)
+    RETURNING 1
+), upserted AS (
+    INSERT INTO usage_hourly AS h
+        (subscription_id, meter, hour_start, quantity, quantity_max, sample_count, updated_at)
+    SELECT subscription_id, meter, hour_start, quantity, quantity_max, sample_count,
+           %(updated_at)s
+    FROM fresh
+    ON CONFLICT (subscription_id, meter, hour_start) DO UPDATE SET
+        quantity = excluded.quantity,
+        quantity_max = excluded.quantity_max,
+        sample_count = excluded.sample_count,
+        updated_at = excluded.updated_at
+    WHERE (h.quantity, h.quantity_max, h.sample_count)
+          IS DISTINCT FROM (excluded.quantity, excluded.quantity_max, excluded.sample_count)
+    RETURNING 1
+), unsourced AS (
+    DELETE FROM batch_usage WHERE hour_start >= %(start)s AND hour_start < %(end)s
+), sourced AS (
+    INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
+    SELECT agent_id, seq, subscription_id, meter, hour_start FROM parts
+)
+SELECT (SELECT count(*) FROM deleted), (SELECT count(*) FROM upserted)
+"""
+
 # Partitioned natively? Is TimescaleDB installed? (Its views exist only then.)
 _LAYOUT = """
 SELECT to_regclass('usage_hourly') IN (SELECT partrelid FROM pg_partitioned_table),
@@ -149,6 +230,37 @@ ON CONFLICT (resource_id, span_start) DO UPDATE SET
 _INVOICE_COLUMNS = (
     "key, account_id, period_start, period_end, currency, status, total_minor, document"
 )
+
+# Lifecycle events (schema 5): the first stored of each (resource_id, event_id) wins.
+_INSERT_EVENTS = """
+INSERT INTO resource_events
+    (resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id,
+     received_at, stored_at)
+SELECT resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id,
+       received_at, %(stored_at)s
+FROM unnest(%(resource_id)b::text[], %(event_id)b::text[], %(kind)b::text[],
+            %(plan_id)b::text[], %(subscription_id)b::text[], %(occurred_at)b::timestamptz[],
+            %(agent_id)b::text[], %(received_at)b::timestamptz[])
+     AS u(resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id,
+          received_at)
+ON CONFLICT (resource_id, event_id) DO NOTHING
+RETURNING resource_id
+"""
+
+_SELECT_EVENTS = (
+    "SELECT resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id, "
+    "received_at FROM resource_events"
+)
+
+# The spans of the re-derived resources that their events no longer give.
+_DELETE_STALE_SPANS = """
+DELETE FROM resource_spans AS s
+WHERE s.resource_id = ANY(%(resource_ids)b::text[])
+  AND NOT EXISTS (
+    SELECT 1 FROM unnest(%(resource_id)b::text[], %(span_start)b::timestamptz[])
+                  AS d(resource_id, span_start)
+    WHERE d.resource_id = s.resource_id AND d.span_start = s.span_start)
+"""
 
 
 def _utc(value: datetime) -> datetime:
@@ -180,6 +292,7 @@ class PgStore:
         # No server-side prepared statements: PGlite shares one backend session between all
         # connections, where psycopg's per-connection names (_pg3_0, ...) would collide.
         conn = psycopg.connect(self._conninfo, autocommit=True, prepare_threshold=None)
+        conn.adapters.register_dumper(PgArray, _PgArrayDumper)
         conn.execute("SET TIME ZONE 'UTC'")
         return conn
 
@@ -322,11 +435,17 @@ class PgStore:
             self._ensure_month_partitions("usage_hourly", write.partials["hour_start"])
         with self._lock, self._conn.transaction():
             if write.ledger.height:
-                params = _ledger_params(write.ledger, write.partials)
+                params = _ledger_params(write.ledger)
                 params["rated_at"] = rated_at
-                row = self._conn.execute(_WRITE_LEDGER_AND_HOURLY, params).fetchone()
-                assert row is not None
-                new_batches, hourly_rows = int(row[0]), int(row[1])
+                new_keys = self._conn.execute(_INSERT_LEDGER, params).fetchall()
+                new_batches = len(new_keys)
+                fresh = _partials_of(write, new_keys)
+                if fresh.height:
+                    params = _hourly_params(fresh)
+                    params["rated_at"] = rated_at
+                    row = self._conn.execute(_ADD_HOURLY_AND_SOURCES, params).fetchone()
+                    assert row is not None
+                    hourly_rows = int(row[0])
             if write.offsets:
                 self._conn.execute(
                     _WRITE_OFFSETS,
@@ -387,6 +506,46 @@ class PgStore:
             rows = self._conn.execute(query, params).fetchall()
         return [UsageTotal(s, m, int(q), int(qmax), int(n)) for s, m, q, qmax, n in rows]
 
+    def usage_changed_since(self, instant: datetime) -> pl.DataFrame:
+        require_aware(instant, "instant")
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(
+                "SELECT subscription_id, meter, hour_start, updated_at FROM usage_hourly "
+                "WHERE updated_at > %s ORDER BY subscription_id, meter, hour_start",
+                (instant,),
+            ).fetchall()
+        return pl.DataFrame(rows, schema=CHANGED_SCHEMA, orient="row")
+
+    def replace_hourly(
+        self,
+        start: datetime,
+        end: datetime,
+        partials: pl.DataFrame,
+        batches: pl.DataFrame,
+        updated_at: datetime,
+    ) -> int:
+        replacement = prepare_replacement(start, end, partials, batches, updated_at)
+        params: dict[str, Any] = {
+            "start": start,
+            "end": end,
+            "updated_at": updated_at,
+            "b_agent_id": replacement.batches["agent_id"].to_list(),
+            "b_seq": replacement.batches["seq"].to_list(),
+            **_partials_params(replacement.partials),
+        }
+        with self._lock:
+            self._ensure_month_partitions("usage_hourly", replacement.partials["hour_start"])
+        with self._lock, self._conn.transaction():
+            # SHARE conflicts with the ROW EXCLUSIVE lock write_rated's INSERT takes: rating
+            # writes wait until this commits, and this waits for those in flight.
+            self._conn.execute("LOCK TABLE batch_ledger IN SHARE MODE")
+            missing = self._conn.execute(_REPLACE_MISSING, params).fetchall()
+            uncounted = self._conn.execute(_REPLACE_UNCOUNTED, params).fetchall()
+            replace_conflict(missing, uncounted)
+            row = self._conn.execute(_REPLACE_HOURLY, params).fetchone()
+        assert row is not None
+        return int(row[0]) + int(row[1])
+
     def ledger_count(self) -> int:
         with self._lock, self._conn.transaction():
             row = self._conn.execute("SELECT count(*) FROM batch_ledger").fetchone()
@@ -423,6 +582,79 @@ class PgStore:
         with self._lock, self._conn.transaction():
             rows = self._conn.execute(query, params).fetchall()
         return pl.DataFrame(rows, schema=SPANS_SCHEMA, orient="row")
+
+    # -- lifecycle events (schema 5) --------------------------------------------------------
+    def write_lifecycle_events(
+        self,
+        events: pl.DataFrame,
+        offsets: Sequence[ConsumedOffset],
+        derive: SpanDeriver,
+        stored_at: datetime,
+    ) -> LifecycleOutcome:
+        handed_in = events.height
+        events = check_events(events, stored_at)
+        consumed = latest_offsets(offsets)
+        touched: list[str] = []
+        new_events = 0
+        spans = pl.DataFrame(schema=SPANS_SCHEMA)
+        with self._lock:
+            # Span starts are event instants: the months of the new events are the only
+            # ones a derived span may need a partition for.
+            self._ensure_month_partitions("resource_spans", events["occurred_at"])
+            with self._conn.transaction():
+                if events.height:
+                    params: dict[str, Any] = {c: events[c].to_list() for c in EVENTS_SCHEMA}
+                    params["stored_at"] = stored_at
+                    rows = self._conn.execute(_INSERT_EVENTS, params).fetchall()
+                    new_events = len(rows)
+                    touched = sorted({r[0] for r in rows})
+                if touched:
+                    stored = pl.DataFrame(
+                        self._conn.execute(
+                            _SELECT_EVENTS + " WHERE resource_id = ANY(%(ids)b::text[]) "
+                            "ORDER BY resource_id, occurred_at, event_id",
+                            {"ids": touched},
+                        ).fetchall(),
+                        schema=EVENTS_SCHEMA,
+                        orient="row",
+                    )
+                    spans = check_spans(derive(stored))
+                    require_spans_of(spans, touched)
+                    self._conn.execute(
+                        _DELETE_STALE_SPANS,
+                        {
+                            "resource_ids": touched,
+                            "resource_id": spans["resource_id"].to_list(),
+                            "span_start": spans["span_start"].to_list(),
+                        },
+                    )
+                    if spans.height:
+                        self._conn.execute(
+                            _WRITE_SPANS, {c: spans[c].to_list() for c in SPANS_SCHEMA}
+                        )
+                if consumed:
+                    self._conn.execute(
+                        _WRITE_OFFSETS,
+                        {
+                            "group_id": [o.group_id for o in consumed],
+                            "topic": [o.topic for o in consumed],
+                            "partition": [o.partition for o in consumed],
+                            "next_offset": [o.next_offset for o in consumed],
+                            "rated_at": stored_at,
+                        },
+                    )
+        return LifecycleOutcome(new_events, handed_in - new_events, len(touched), spans.height)
+
+    def lifecycle_events(self, resource_ids: Sequence[str] | None = None) -> pl.DataFrame:
+        params: dict[str, Any] = {}
+        query = _SELECT_EVENTS
+        if resource_ids is not None:
+            params["ids"] = list(resource_ids)
+            query += " WHERE resource_id = ANY(%(ids)b::text[])"
+        query += " ORDER BY resource_id, occurred_at, event_id"
+        with self._lock, self._conn.transaction():
+            rows = self._conn.execute(query, params).fetchall()
+        return pl.DataFrame(rows, schema=EVENTS_SCHEMA, orient="row")
 
     # -- agent tokens ----------------------------------------------------------------------
     def save_agent_token(
@@ -637,17 +869,8 @@ def _stored_invoice(row: Sequence[Any]) -> StoredInvoice:
     return StoredInvoice(key, account, _utc(start), _utc(end), currency, status, int(total), doc)
 
 
-def _ledger_params(ledger: pl.DataFrame, partials: pl.DataFrame) -> dict[str, Any]:
-    """Column lists for the unnest() arrays: one conversion per column, none per row.
-    Quantities travel as decimal text (exact, and cheaper to convert than Decimal objects)."""
+def _partials_params(partials: pl.DataFrame) -> dict[str, Any]:
     return {
-        "agent_id": ledger["agent_id"].to_list(),
-        "seq": ledger["seq"].to_list(),
-        "topic": ledger["topic"].to_list(),
-        "partition": ledger["partition"].to_list(),
-        "offset": ledger["offset"].to_list(),
-        "received_at": ledger["received_at"].to_list(),
-        "sample_count": ledger["sample_count"].to_list(),
         "p_agent_id": partials["agent_id"].to_list(),
         "p_seq": partials["seq"].to_list(),
         "p_subscription_id": partials["subscription_id"].to_list(),
@@ -657,3 +880,67 @@ def _ledger_params(ledger: pl.DataFrame, partials: pl.DataFrame) -> dict[str, An
         "p_quantity_max": partials["quantity_max"].cast(pl.String).to_list(),
         "p_sample_count": partials["sample_count"].to_list(),
     }
+
+
+def _ledger_params(ledger: pl.DataFrame) -> dict[str, Any]:
+    """The ledger frame as binary unnest() arrays: one conversion per column, none per row."""
+    return {
+        "agent_id": text_array(ledger["agent_id"]),
+        "seq": int8_array(ledger["seq"]),
+        "topic": text_array(ledger["topic"]),
+        "partition": int4_array(ledger["partition"]),
+        "offset": int8_array(ledger["offset"]),
+        "received_at": timestamptz_array(ledger["received_at"]),
+        "sample_count": int8_array(ledger["sample_count"]),
+    }
+
+
+def _partials_of(write: RatedWrite, new_keys: Sequence[Sequence[Any]]) -> pl.DataFrame:
+    """The partial rows of the batches the ledger insert just counted (``new_keys``)."""
+    if not new_keys or not write.partials.height:
+        return write.partials.clear()
+    if len(new_keys) == write.ledger.height:  # every batch is new (the usual case)
+        return write.partials
+    keys = pl.DataFrame(
+        {"agent_id": [k[0] for k in new_keys], "seq": [k[1] for k in new_keys]},
+        schema={"agent_id": pl.String(), "seq": pl.Int64()},
+    )
+    return write.partials.join(keys, on=list(BATCH_KEY), how="semi")
+
+
+def _hourly_params(fresh: pl.DataFrame) -> dict[str, Any]:
+    """Binary unnest() arrays of _ADD_HOURLY_AND_SOURCES: the partial rows of the new
+    batches summed per hour row across the call (several times fewer rows to upsert), and
+    their keys for batch_usage. Quantities travel as exact decimal text."""
+    hourly = sum_per_hour(fresh)
+    return {
+        "h_subscription_id": text_array(hourly["subscription_id"]),
+        "h_meter": text_array(hourly["meter"]),
+        "h_hour_start": timestamptz_array(hourly["hour_start"]),
+        "h_quantity": text_array(hourly["quantity"]),
+        "h_quantity_max": text_array(hourly["quantity_max"]),
+        "h_sample_count": int8_array(hourly["sample_count"]),
+        "u_agent_id": text_array(fresh["agent_id"]),
+        "u_seq": int8_array(fresh["seq"]),
+        "u_subscription_id": text_array(fresh["subscription_id"]),
+        "u_meter": text_array(fresh["meter"]),
+        "u_hour_start": timestamptz_array(fresh["hour_start"]),
+    }
+
+
+class _PgArrayDumper(Dumper):
+    """Sends a PgArray's prebuilt binary array as it is, typed with its array OID."""
+
+    format = Format.BINARY
+
+    def get_key(self, obj: Any, format: PyFormat) -> DumperKey:  # noqa: ARG002
+        return (PgArray, obj.oid)
+
+    def upgrade(self, obj: Any, format: PyFormat) -> Dumper:  # noqa: ARG002
+        dumper = _PgArrayDumper(PgArray)
+        dumper.oid = obj.oid
+        return dumper
+
+    def dump(self, obj: Any) -> bytes:
+        data: bytes = obj.data
+        return data

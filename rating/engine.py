@@ -24,7 +24,8 @@ the store can add exactly the parts of batches it has not counted before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
@@ -48,6 +49,51 @@ class CatalogFrames:
 
     resources: pl.DataFrame  # resource_id, subscription_id
     meters: pl.DataFrame  # meter, kind
+    # The spans of the resources that move between subscriptions (MOVES_SCHEMA; empty when
+    # none does): every span of a resource at least one of whose spans names a subscription
+    # other than its own. Samples of other resources resolve by resource_id alone.
+    moves: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=MOVES_SCHEMA))
+    # Derived: the same lookups with order-preserving integer codes (the code of a name is
+    # its rank among the sorted names), so the engine groups and sorts on integers.
+    resource_codes: pl.DataFrame = field(init=False)  # resource_id, subscription_code
+    meter_codes: pl.DataFrame = field(init=False)  # meter, kind, meter_code
+    subscription_names: pl.Series = field(init=False)  # by code
+    meter_names: pl.Series = field(init=False)  # by code
+    move_codes: pl.DataFrame = field(init=False)  # moves, subscription_id as move_code
+
+    def __post_init__(self) -> None:
+        subscriptions = (
+            pl.concat(
+                [
+                    self.resources.get_column("subscription_id"),
+                    self.moves.get_column("subscription_id"),
+                ]
+            )
+            .unique()
+            .sort()
+        )
+        meters = self.meters.sort("meter")
+        codes = {
+            "move_codes": self.moves.select(
+                "resource_id",
+                "span_start_us",
+                "span_end_us",
+                move_code=subscriptions.search_sorted(
+                    self.moves.get_column("subscription_id")
+                ).cast(pl.Int64),
+            ).sort("resource_id", "span_start_us"),
+            "resource_codes": self.resources.select(
+                "resource_id",
+                subscription_code=subscriptions.search_sorted(
+                    self.resources.get_column("subscription_id")
+                ).cast(pl.Int64),
+            ),
+            "meter_codes": meters.with_columns(meter_code=pl.int_range(pl.len(), dtype=pl.Int64)),
+            "subscription_names": subscriptions,
+            "meter_names": meters.get_column("meter"),
+        }
+        for name, value in codes.items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def from_catalog(cls, catalog: Catalog) -> CatalogFrames:
@@ -66,7 +112,36 @@ class CatalogFrames:
                 },
                 schema={"meter": pl.String(), "kind": pl.String()},
             ),
+            moves=_moves(catalog),
         )
+
+
+# A span of a moving resource: [span_start_us, span_end_us) in unix microseconds (an open
+# span ends at MAX_END_UNIX_S), during which its samples belong to subscription_id.
+MOVES_SCHEMA: dict[str, pl.DataType] = {
+    "resource_id": pl.String(),
+    "span_start_us": pl.Int64(),
+    "span_end_us": pl.Int64(),
+    "subscription_id": pl.String(),
+}
+
+
+def _moves(catalog: Catalog) -> pl.DataFrame:
+    """The spans of the resources that belong to another subscription for a while (a loop
+    per resource: the catalog, not the data path)."""
+    rows: list[tuple[str, int, int, str]] = []
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for resource in catalog.resources.values():
+        if all(resource.span_subscription(s) == resource.subscription_id for s in resource.spans):
+            continue
+        for span in resource.spans:
+            end = MAX_END_UNIX_S * 1_000_000 if span.end is None else (span.end - epoch) // _US
+            start = (span.start - epoch) // _US
+            rows.append((resource.id, start, end, resource.span_subscription(span)))
+    return pl.DataFrame(rows, schema=MOVES_SCHEMA, orient="row")
+
+
+_US = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,27 +153,58 @@ class Rated:
 def rate(
     samples: pl.DataFrame, frames: CatalogFrames, max_duration_s: int = MAX_DURATION_S
 ) -> Rated:
-    """Resolve and aggregate a frame of samples (SAMPLES_SCHEMA)."""
+    """Resolve and aggregate a frame of samples (SAMPLES_SCHEMA).
+
+    Arithmetic runs on Int128 (|value| < 2**63 times at most 3600 s per piece, summed over
+    fewer than 2**50 pieces, stays far inside it) and becomes ``Decimal(38, 0)`` once, on
+    the aggregated rows. Only the samples whose interval spans several hours are exploded
+    into one row per hour; the reasons of unresolved samples are formatted for those alone.
+    Rows are grouped and sorted on order-preserving integer codes packed into two keys,
+    (batch, subscription) and (meter, hour), where the batch code numbers the distinct
+    (agent_id, seq) of this call in that order; names come back at the end, sorted by
+    (agent_id, seq, subscription_id, meter, hour_start).
+    """
     start, duration, value = pl.col("start_unix_s"), pl.col("duration_s"), pl.col("value")
+    unknown_resource = pl.col("subscription_code").is_null()
+    unknown_meter = pl.col("kind").is_null()
+    negative = value < 0
+    bad_duration = (duration < 0) | (duration > max_duration_s)
+    # Where the duration is out of range this may wrap; bad_duration flags the row anyway.
+    bad_start = (start < 0) | (start >= MAX_END_UNIX_S) | (start > MAX_END_UNIX_S - duration)
     resolved = (
-        samples.join(frames.resources, on="resource_id", how="left", maintain_order="left")
-        .join(frames.meters, on="meter", how="left", maintain_order="left")
-        .with_columns(
-            reason=pl.when(pl.col("subscription_id").is_null())
-            .then(pl.format("unknown resource '{}'", pl.col("resource_id")))
-            .when(pl.col("kind").is_null())
-            .then(pl.format("unknown meter '{}'", pl.col("meter")))
-            .when(value < 0)
-            .then(pl.format("negative value {}", value))
-            .when((duration < 0) | (duration > max_duration_s))
-            .then(pl.format("duration_s {} is outside [0, {}]", duration, pl.lit(max_duration_s)))
-            .when((start < 0) | (start >= MAX_END_UNIX_S) | (start > MAX_END_UNIX_S - duration))
-            .then(pl.format("start_unix_s {} is out of range", start))
-            .otherwise(None)
-        )
+        samples.join(frames.resource_codes, on="resource_id", how="left", maintain_order="left")
+        .join(frames.meter_codes, on="meter", how="left", maintain_order="left")
+        .with_columns(_bad=unknown_resource | unknown_meter | negative | bad_duration | bad_start)
     )
-    unresolved = resolved.filter(pl.col("reason").is_not_null()).select(list(UNRESOLVED_SCHEMA))
-    good = resolved.filter(pl.col("reason").is_null())
+    unresolved = (
+        resolved.filter(pl.col("_bad"))
+        .with_columns(
+            reason=pl.when(unknown_resource)
+            .then(pl.format("unknown resource '{}'", pl.col("resource_id")))
+            .when(unknown_meter)
+            .then(pl.format("unknown meter '{}'", pl.col("meter")))
+            .when(negative)
+            .then(pl.format("negative value {}", value))
+            .when(bad_duration)
+            .then(pl.format("duration_s {} is outside [0, {}]", duration, pl.lit(max_duration_s)))
+            .otherwise(pl.format("start_unix_s {} is out of range", start))
+        )
+        .select(list(UNRESOLVED_SCHEMA))
+    )
+    good = resolved.filter(~pl.col("_bad"))
+    # A batch's samples lie in one run of rows (decode_records appends whole batches):
+    # code the runs, then the distinct batches of the runs (a frame as small as the number
+    # of runs) in (agent_id, seq) order. Correct for any row order, fastest for this one.
+    run_start = (
+        (pl.col("agent_id") != pl.col("agent_id").shift(1))
+        | (pl.col("seq") != pl.col("seq").shift(1))
+    ).fill_null(value=True)
+    starts = good.select(run_start).to_series()
+    runs = good.select("agent_id", "seq").filter(starts)
+    batches = runs.unique().sort("agent_id", "seq")
+    run_codes = runs.join(
+        batches.with_row_index("batch_code"), on=["agent_id", "seq"], maintain_order="left"
+    ).get_column("batch_code")
 
     first_hour = start // HOUR_S
     # The last hour the interval [start, start + duration) touches; a counter (and any
@@ -108,41 +214,98 @@ def rate(
         .then(first_hour)
         .otherwise((start + duration - 1) // HOUR_S)
     )
+    good = good.with_columns(
+        batch_code=run_codes.cast(pl.Int64).gather(starts.cast(pl.Int64).cum_sum() - 1),
+        hour=first_hour,
+        _last=last_hour,
+    )
+    single = good.filter(pl.col("hour") == pl.col("_last"))
+    multi = (
+        good.filter(pl.col("hour") != pl.col("_last"))
+        .with_columns(hour=pl.int_ranges(pl.col("hour"), pl.col("_last") + 1, dtype=pl.Int64))
+        .explode("hour")
+    )
     hour = pl.col("hour")
     overlap_s = pl.min_horizontal(start + duration, (hour + 1) * HOUR_S) - pl.max_horizontal(
         start, hour * HOUR_S
     )
-    level = value.cast(QUANTITY)
+    level = value.cast(pl.Int128)
     quantity = (
         pl.when(pl.col("kind") == "counter")
         .then(level)
         .when(pl.col("kind") == "gauge")
-        .then(level * overlap_s.cast(QUANTITY))
-        .otherwise(pl.lit(0).cast(QUANTITY))
+        .then(level * overlap_s.cast(pl.Int128))
+        .otherwise(pl.lit(0, dtype=pl.Int128))
     )
-    pieces = (
-        good.with_columns(hour=pl.int_ranges(first_hour, last_hour + 1, dtype=pl.Int64))
-        .explode("hour")
-        .select(
-            "agent_id",
-            "seq",
-            "subscription_id",
-            "meter",
-            hour_start=(hour * (HOUR_S * 1_000_000)).cast(INSTANT),
-            quantity=quantity,
-            quantity_max=level,
-            sample_count=(hour == first_hour).cast(pl.Int64),
-        )
+    # Codes: batch < 2**31 (rows), subscription < 2**32, meter < 2**23; hour in
+    # [0, 2**27) because instants lie in [1970, 10000). Both packed keys fit in int64.
+    keys = ["who", "what"]
+    pieces = _resolve_moves(pl.concat([single, multi], how="vertical"), frames).select(
+        who=pl.col("batch_code") * _SHIFT_32 + pl.col("subscription_code"),
+        what=pl.col("meter_code") * _SHIFT_40 + hour,
+        quantity=quantity,
+        quantity_max=level,
+        sample_count=(hour == first_hour).cast(pl.Int64),
     )
-    keys = ["agent_id", "seq", "subscription_id", "meter", "hour_start"]
-    partials = (
+    grouped = (
         pieces.group_by(keys)
         .agg(
-            pl.col("quantity").sum().cast(QUANTITY),
-            pl.col("quantity_max").max().cast(QUANTITY),
+            pl.col("quantity").sum(),
+            pl.col("quantity_max").max(),
             pl.col("sample_count").sum().cast(pl.Int64),
         )
+        # The order of the names: (agent, seq), subscription, meter, hour.
         .sort(keys)
-        .select(list(PARTIALS_SCHEMA))
+    )
+    who, what = grouped.get_column("who"), grouped.get_column("what")
+    partials = pl.DataFrame(
+        {
+            "agent_id": batches.get_column("agent_id").gather(who // _SHIFT_32),
+            "seq": batches.get_column("seq").gather(who // _SHIFT_32),
+            "subscription_id": frames.subscription_names.gather(who % _SHIFT_32),
+            "meter": frames.meter_names.gather(what // _SHIFT_40),
+            "hour_start": ((what % _SHIFT_40) * (HOUR_S * 1_000_000)).cast(INSTANT),
+            "quantity": grouped.get_column("quantity").cast(QUANTITY),
+            "quantity_max": grouped.get_column("quantity_max").cast(QUANTITY),
+            "sample_count": grouped.get_column("sample_count"),
+        },
+        schema=PARTIALS_SCHEMA,
     )
     return Rated(partials=partials, unresolved=unresolved)
+
+
+_SHIFT_32 = 2**32
+_SHIFT_40 = 2**40
+
+
+def _resolve_moves(pieces: pl.DataFrame, frames: CatalogFrames) -> pl.DataFrame:
+    """Effective-dated resolution for resources that move between subscriptions: each piece
+    (the part of a sample in one hour; a counter's whole delta) belongs to the subscription
+    of the span containing the piece's start, found with an as-of join on the span starts;
+    outside every span, to the resource's own subscription. Other rows are left alone."""
+    if frames.move_codes.height == 0:
+        return pieces
+    moving = pl.col("resource_id").is_in(
+        frames.move_codes.get_column("resource_id").unique().implode()
+    )
+    at_us = pl.max_horizontal(pl.col("start_unix_s"), pl.col("hour") * HOUR_S) * 1_000_000
+    movers = (
+        pieces.filter(moving)
+        .with_columns(_at=at_us)
+        .sort("resource_id", "_at")
+        .join_asof(
+            frames.move_codes,
+            left_on="_at",
+            right_on="span_start_us",
+            by="resource_id",
+            strategy="backward",
+            check_sortedness=False,  # both sides are sorted by (resource_id, instant)
+        )
+        .with_columns(
+            subscription_code=pl.when(pl.col("_at") < pl.col("span_end_us"))
+            .then(pl.col("move_code"))
+            .otherwise(pl.col("subscription_code"))
+        )
+        .select(pieces.columns)
+    )
+    return pl.concat([pieces.filter(~moving), movers], how="vertical")

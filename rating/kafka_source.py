@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 # noida-db ignores fetch size limits (ENVIRONMENT.md): a consumer must accept whatever the
 # broker returns in one fetch.
 RECEIVE_MESSAGE_MAX_BYTES = 1_000_000_000
+# librdkafka prefetches records ahead of poll(); this caps that queue (KiB), so the worker's
+# memory is bounded by settings, not by the backlog on the topic (librdkafka's default is
+# 64 MiB; a poll of 500 records of 1,000 samples is ~7 MiB). A broker that ignores fetch
+# size limits (noida-db) can still return more in one fetch response.
+QUEUED_MAX_MESSAGES_KBYTES = 32_768
 # How often produce() may meet a full local queue before the dead letters count as failed.
 MAX_QUEUE_FULL_RETRIES = 100
 
@@ -67,6 +72,7 @@ class UsageConsumer:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "receive.message.max.bytes": RECEIVE_MESSAGE_MAX_BYTES,
+            "queued.max.messages.kbytes": QUEUED_MAX_MESSAGES_KBYTES,
             "enable.partition.eof": False,
         }
         config.update(extra_config or {})

@@ -19,6 +19,8 @@ written twice by such a replay; it carries its batch's ``(agent_id, seq)`` for d
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +44,45 @@ STAGE = "rating"
 MAX_ERROR_HEADER_CHARS = 2000
 
 _T = TypeVar("_T")
+
+# Fault injection for the crash tests (tests/integration/test_exactly_once_failures.py):
+# METERLINE_RATING_CRASH_AT="<point>:<n>" makes the worker's process kill itself with
+# SIGKILL (no cleanup, as a crash) the n-th time one poll reaches <point>. Unset (the
+# default) it is inert and costs one ``is None`` check per poll.
+CRASH_ENV = "METERLINE_RATING_CRASH_AT"
+CRASH_POINTS = ("before_store_write", "after_store_write")
+
+
+class CrashHook:
+    """Kills this process at a named point of a poll (see ``CRASH_ENV``)."""
+
+    def __init__(self, point: str, nth: int) -> None:
+        if point not in CRASH_POINTS or nth < 1:
+            raise ValueError(
+                f"{CRASH_ENV}: want '<point>:<n>' with point in {CRASH_POINTS} and n >= 1, "
+                f"got point={point!r} n={nth}"
+            )
+        self.point = point
+        self._remaining = nth
+
+    @classmethod
+    def from_env(cls, value: str | None) -> CrashHook | None:
+        if not value:
+            return None
+        point, _, nth = value.partition(":")
+        try:
+            count = int(nth or "1")
+        except ValueError:
+            raise ValueError(f"{CRASH_ENV}={value!r}: n must be an integer") from None
+        return cls(point, count)
+
+    def reached(self, point: str) -> None:
+        if point != self.point:
+            return
+        self._remaining -= 1
+        if self._remaining == 0:
+            log.warning("%s: killing this process at %s", CRASH_ENV, point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +187,7 @@ class RatingWorker:
         self._frames = CatalogFrames.from_catalog(catalog)
         self._clock = clock
         self._sleep = sleep
+        self._crash = CrashHook.from_env(os.environ.get(CRASH_ENV))
         self._deadletters = DeadLetterProducer(
             config.bootstrap, config.deadletter_topic, config.producer_config
         )
@@ -231,10 +273,14 @@ class RatingWorker:
             for (topic, partition), offset in sorted(next_offsets.items())
         ]
         rated_at = self._clock()
+        if self._crash is not None:
+            self._crash.reached("before_store_write")
         outcome: WriteOutcome = self._retrying(
             "store.write_rated",
             lambda: self._store.write_rated(decoded.ledger, rated.partials, consumed, rated_at),
         )
+        if self._crash is not None:
+            self._crash.reached("after_store_write")
         self._consumer.commit(next_offsets)
 
         stats = WorkerStats(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 
 import polars as pl
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +15,21 @@ from rating.engine import HOUR_S, MAX_DURATION_S, CatalogFrames, rate
 from rating.record_codec import SAMPLES_SCHEMA
 from rating.reference import Sample, reference_rate, reference_reason
 
+BASE = 1_790_000_000 // HOUR_S * HOUR_S  # an hour boundary in 2026
+
+
+def _iso(unix_s: int) -> str:
+    return datetime.fromtimestamp(unix_s, tz=UTC).isoformat()
+
+
+# r1 moves: on s0 (its own, by default) until half past BASE, then on s1, then nowhere
+# (back to its own), then on s2 from a second that is no hour boundary, open-ended.
+R1_SPANS = [
+    {"start": _iso(BASE - 2 * HOUR_S), "end": _iso(BASE + HOUR_S // 2)},
+    {"start": _iso(BASE + HOUR_S // 2), "end": _iso(BASE + 2 * HOUR_S), "subscription": "s1"},
+    {"start": _iso(BASE + 3 * HOUR_S + 17), "end": "null", "subscription": "s2"},
+]
+
 CATALOG: Catalog = parse_catalog(
     {
         "meters": [
@@ -25,22 +40,25 @@ CATALOG: Catalog = parse_catalog(
         "accounts": [{"id": "acc", "name": "Acc", "currency": "EUR", "timezone": "UTC"}],
         "subscriptions": [
             {"id": s, "account": "acc", "plan": "plan", "start": "2026-01-01T00:00:00Z"}
-            for s in ("s0", "s1")
+            for s in ("s0", "s1", "s2")
         ],
         "resources": [
             {"id": "r0", "subscription": "s0", "kind": "server"},
-            {"id": "r1", "subscription": "s0", "kind": "volume"},
+            {"id": "r1", "subscription": "s0", "kind": "volume", "spans": R1_SPANS},
             {"id": "r2", "subscription": "s1", "kind": "server"},
         ],
     },
     "test",
 )
 FRAMES = CatalogFrames.from_catalog(CATALOG)
-BASE = 1_790_000_000 // HOUR_S * HOUR_S  # an hour boundary in 2026
 
 starts = st.one_of(
-    st.integers(BASE - 3 * HOUR_S, BASE + 3 * HOUR_S),
+    st.integers(BASE - 3 * HOUR_S, BASE + 5 * HOUR_S),
     st.sampled_from([BASE - 1, BASE, BASE + 1, BASE + HOUR_S - 1, BASE + HOUR_S]),
+    # r1's span boundaries
+    st.sampled_from([BASE + HOUR_S // 2 + d for d in (-1, 0, 1)]),
+    st.sampled_from([BASE + 2 * HOUR_S + d for d in (-1, 0, 1)]),
+    st.sampled_from([BASE + 3 * HOUR_S + 17 + d for d in (-1, 0, 1)]),
     st.sampled_from([0, -1, 253_402_300_800 - 1]),  # the edges of the representable range
 )
 durations = st.one_of(
@@ -52,7 +70,7 @@ values = st.one_of(
     st.integers(0, 1000), st.integers(-2, 2**63 - 1), st.sampled_from([2**63 - 1, -1])
 )
 samples_st = st.tuples(
-    st.sampled_from(["agent-a", "agent-b"]),
+    st.sampled_from(["agent-b", "agent-a", "Agent-c"]),  # bytewise, "Agent-c" sorts first
     st.integers(0, 3),
     st.sampled_from(["r0", "r1", "r2", "unknown-resource"]),
     st.sampled_from(["c", "g", "p", "unknown.meter"]),
@@ -60,6 +78,9 @@ samples_st = st.tuples(
     durations,
     values,
 )
+
+
+PARTIAL_KEYS = ["agent_id", "seq", "subscription_id", "meter", "hour_start"]
 
 
 def _frame(samples: list[Sample]) -> pl.DataFrame:
@@ -96,6 +117,8 @@ def test_engine_equals_reference(samples: list[Sample]) -> None:
     assert sorted(rated.unresolved["reason"].to_list()) == expected_reasons
     # Nothing is lost: every sample is either counted once or unresolved.
     assert rated.partials["sample_count"].sum() + rated.unresolved.height == len(samples)
+    # The stated row order (rate's docstring), whatever order the batches came in.
+    assert rated.partials.equals(rated.partials.sort(PARTIAL_KEYS))
 
 
 @settings(max_examples=100, deadline=None)
@@ -109,5 +132,21 @@ def test_partials_are_per_batch_and_sum_to_the_whole(samples: list[Sample]) -> N
     pieces = pl.concat([rate(_frame(b), FRAMES).partials for b in by_batch.values()])
     assert _engine_totals(pieces) == whole
     partials = rate(_frame(samples), FRAMES).partials
-    keys = ["agent_id", "seq", "subscription_id", "meter", "hour_start"]
-    assert partials.select(keys).is_duplicated().sum() == 0
+    assert partials.select(PARTIAL_KEYS).is_duplicated().sum() == 0
+
+
+def test_a_moving_resource_resolves_by_the_span_at_each_piece() -> None:
+    """r1 is on s0 until BASE+30min, on s1 until BASE+2h, its own s0 again, then on s2 from
+    BASE+3h+17s: a gauge from BASE+10min to BASE+4h splits by the start of each hour piece."""
+    sample: Sample = ("agent-a", 0, "r1", "g", BASE + 600, 4 * HOUR_S - 600, 2)
+    counter: Sample = ("agent-a", 0, "r1", "c", BASE + 3 * HOUR_S + 17, 0, 5)
+    totals = _engine_totals(rate(_frame([sample, counter]), FRAMES).partials)
+    hour = [datetime.fromtimestamp(BASE + h * HOUR_S, tz=UTC) for h in range(4)]
+    assert totals == {
+        ("s0", "g", hour[0]): (2 * (HOUR_S - 600), 2, 1),  # the piece starts at BASE+10min
+        ("s1", "g", hour[1]): (2 * HOUR_S, 2, 0),
+        ("s0", "g", hour[2]): (2 * HOUR_S, 2, 0),  # between spans: its own subscription
+        ("s0", "g", hour[3]): (2 * HOUR_S, 2, 0),  # starts at BASE+3h, before the s2 span
+        ("s2", "c", hour[3]): (5, 5, 1),
+    }
+    assert totals == reference_rate([sample, counter], CATALOG)
