@@ -20,7 +20,10 @@ import polars as pl
 from aggregation import migrations
 from aggregation.agent_tokens import check_agent_token, scope_from_json
 from aggregation.frames import check_invoices, prepare_rated, require_aware
+from aggregation.lifecycle_events import check_events, latest_offsets, require_spans_of
 from aggregation.ports import (
+    CHANGED_SCHEMA,
+    EVENTS_SCHEMA,
     HOURLY_SCHEMA,
     INSTANT,
     SOURCE_BATCH_SCHEMA,
@@ -31,11 +34,15 @@ from aggregation.ports import (
     InvoiceNumber,
     IssuedInvoiceError,
     IssueRenderer,
+    LifecycleOutcome,
+    SpanDeriver,
     StoredCatalog,
     StoredInvoice,
     UsageTotal,
     WriteOutcome,
 )
+from aggregation.replace import conflict as replace_conflict
+from aggregation.replace import prepare_replacement
 from aggregation.spans import check_spans
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -108,6 +115,46 @@ WHERE invoices.status = 'draft'
 RETURNING key
 """
 
+# Re-rating (replace_hourly): batches counted into the hours but missing from the
+# re-rating, and batches of the re-rating not counted (yet); up to three, with the count.
+_REPLACE_MISSING = """
+SELECT agent_id, seq, count(*) OVER () FROM (
+    SELECT agent_id, seq FROM batch_usage WHERE hour_start >= $start AND hour_start < $end
+    EXCEPT
+    SELECT agent_id, seq FROM meterline_replace_batches
+) ORDER BY agent_id, seq LIMIT 3
+"""
+_REPLACE_UNCOUNTED = """
+SELECT b.agent_id, b.seq, count(*) OVER () FROM meterline_replace_batches AS b
+ANTI JOIN batch_ledger AS l ON l.agent_id = b.agent_id AND l.seq = b.seq
+ORDER BY b.agent_id, b.seq LIMIT 3
+"""
+_REPLACE_DELETE_HOURLY = """
+DELETE FROM usage_hourly AS h
+WHERE h.hour_start >= $start AND h.hour_start < $end
+  AND NOT EXISTS (SELECT 1 FROM meterline_replace_partials AS p
+                  WHERE p.subscription_id = h.subscription_id AND p.meter = h.meter
+                    AND p.hour_start = h.hour_start)
+RETURNING 1
+"""
+_REPLACE_UPSERT_HOURLY = """
+INSERT INTO usage_hourly
+    (subscription_id, meter, hour_start, quantity, quantity_max, sample_count, updated_at)
+SELECT subscription_id, meter, hour_start, sum(quantity), max(quantity_max),
+       sum(sample_count), $updated_at
+FROM meterline_replace_partials
+GROUP BY subscription_id, meter, hour_start
+ON CONFLICT (subscription_id, meter, hour_start) DO UPDATE SET
+    quantity = excluded.quantity,
+    quantity_max = excluded.quantity_max,
+    sample_count = excluded.sample_count,
+    updated_at = excluded.updated_at
+WHERE usage_hourly.quantity <> excluded.quantity
+   OR usage_hourly.quantity_max <> excluded.quantity_max
+   OR usage_hourly.sample_count <> excluded.sample_count
+RETURNING 1
+"""
+
 _INVOICE_COLUMNS = (
     "key, account_id, epoch_us(period_start), epoch_us(period_end), currency, status, "
     "total_minor, document"
@@ -140,6 +187,33 @@ ON CONFLICT (resource_id, span_start) DO UPDATE SET
     subscription_id = excluded.subscription_id,
     plan_id = excluded.plan_id,
     span_end = excluded.span_end
+"""
+
+# Lifecycle events (schema 5): the first stored of each (resource_id, event_id) wins.
+_INSERT_EVENTS = """
+INSERT INTO resource_events
+    (resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id,
+     received_at, stored_at)
+SELECT resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id,
+       received_at, $stored_at
+FROM meterline_events_in
+ON CONFLICT (resource_id, event_id) DO NOTHING
+RETURNING resource_id
+"""
+
+_SELECT_EVENTS = (
+    "SELECT resource_id, event_id, kind, plan_id, subscription_id, occurred_at, agent_id, "
+    "received_at FROM resource_events"
+)
+
+# The spans of the re-derived resources that their events no longer give.
+_DELETE_STALE_SPANS = """
+DELETE FROM resource_spans
+WHERE list_contains($resource_ids::VARCHAR[], resource_id)
+  AND NOT EXISTS (
+    SELECT 1 FROM meterline_spans_in AS d
+    WHERE d.resource_id = resource_spans.resource_id
+      AND d.span_start = resource_spans.span_start)
 """
 
 
@@ -330,6 +404,50 @@ class DuckDbStore:
             rows = conn.execute(query, params).fetchall()
         return [UsageTotal(s, m, int(q), int(qmax), int(n)) for s, m, q, qmax, n in rows]
 
+    def usage_changed_since(self, instant: datetime) -> pl.DataFrame:
+        require_aware(instant, "instant")
+        with self._transaction():
+            frame = self._frame(
+                "SELECT subscription_id, meter, hour_start, updated_at FROM usage_hourly "
+                "WHERE updated_at > $instant ORDER BY subscription_id, meter, hour_start",
+                {"instant": instant},
+            )
+        return frame.cast(pl.Schema(CHANGED_SCHEMA))
+
+    def replace_hourly(
+        self,
+        start: datetime,
+        end: datetime,
+        partials: pl.DataFrame,
+        batches: pl.DataFrame,
+        updated_at: datetime,
+    ) -> int:
+        replacement = prepare_replacement(start, end, partials, batches, updated_at)
+        frames = {
+            "meterline_replace_partials": replacement.partials,
+            "meterline_replace_batches": replacement.batches,
+        }
+        params = {"start": start, "end": end}
+        # The adapter's lock and DuckDB's file lock keep every other writer out meanwhile.
+        with self._transaction(frames) as conn:
+            missing = conn.execute(_REPLACE_MISSING, params).fetchall()
+            uncounted = conn.execute(_REPLACE_UNCOUNTED).fetchall()
+            replace_conflict(missing, uncounted)
+            deleted = len(conn.execute(_REPLACE_DELETE_HOURLY, params).fetchall())
+            upserted = len(
+                conn.execute(_REPLACE_UPSERT_HOURLY, {"updated_at": updated_at}).fetchall()
+            )
+            conn.execute(
+                "DELETE FROM batch_usage WHERE hour_start >= $start AND hour_start < $end",
+                params,
+            )
+            conn.execute(
+                "INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start) "
+                "SELECT agent_id, seq, subscription_id, meter, hour_start "
+                "FROM meterline_replace_partials"
+            )
+        return deleted + upserted
+
     def ledger_count(self) -> int:
         with self._transaction() as conn:
             row = conn.execute("SELECT count(*) FROM batch_ledger").fetchone()
@@ -363,6 +481,61 @@ class DuckDbStore:
         with self._transaction():
             frame = self._frame(query, params)
         return frame.cast(pl.Schema(SPANS_SCHEMA))
+
+    # -- lifecycle events (schema 5) --------------------------------------------------------
+    def write_lifecycle_events(
+        self,
+        events: pl.DataFrame,
+        offsets: Sequence[ConsumedOffset],
+        derive: SpanDeriver,
+        stored_at: datetime,
+    ) -> LifecycleOutcome:
+        handed_in = events.height
+        events = check_events(events, stored_at)
+        consumed = latest_offsets(offsets)
+        offsets_frame = pl.DataFrame(
+            [(o.group_id, o.topic, o.partition, o.next_offset) for o in consumed],
+            schema=_OFFSETS_SCHEMA,
+            orient="row",
+        )
+        frames = {"meterline_events_in": events, "meterline_offsets_in": offsets_frame}
+        touched: list[str] = []
+        new_events = 0
+        spans = pl.DataFrame(schema=SPANS_SCHEMA)
+        with self._transaction(frames) as conn:
+            if events.height:
+                rows = conn.execute(_INSERT_EVENTS, {"stored_at": stored_at}).fetchall()
+                new_events = len(rows)
+                touched = sorted({r[0] for r in rows})
+            if touched:
+                stored = self._frame(
+                    _SELECT_EVENTS + " WHERE list_contains($ids::VARCHAR[], resource_id)"
+                    " ORDER BY resource_id, occurred_at, event_id",
+                    {"ids": touched},
+                ).cast(pl.Schema(EVENTS_SCHEMA))
+                spans = check_spans(derive(stored))
+                require_spans_of(spans, touched)
+                conn.register("meterline_spans_in", spans)
+                try:
+                    conn.execute(_DELETE_STALE_SPANS, {"resource_ids": touched})
+                    if spans.height:
+                        conn.execute(_UPSERT_SPANS)
+                finally:
+                    conn.unregister("meterline_spans_in")
+            if consumed:
+                conn.execute(_UPSERT_OFFSETS, {"rated_at": stored_at})
+        return LifecycleOutcome(new_events, handed_in - new_events, len(touched), spans.height)
+
+    def lifecycle_events(self, resource_ids: Sequence[str] | None = None) -> pl.DataFrame:
+        params: dict[str, Any] = {}
+        query = _SELECT_EVENTS
+        if resource_ids is not None:
+            params["ids"] = list(resource_ids)
+            query += " WHERE list_contains($ids::VARCHAR[], resource_id)"
+        query += " ORDER BY resource_id, occurred_at, event_id"
+        with self._transaction():
+            frame = self._frame(query, params)
+        return frame.cast(pl.Schema(EVENTS_SCHEMA))
 
     # -- agent tokens ----------------------------------------------------------------------
     def save_agent_token(

@@ -69,6 +69,17 @@ HOURLY_SCHEMA: dict[str, pl.DataType] = {
     "sample_count": pl.Int64(),
 }
 
+# The identity of a batch: Store.replace_hourly's ``batches``.
+BATCH_KEY_SCHEMA: dict[str, pl.DataType] = {"agent_id": pl.String(), "seq": pl.Int64()}
+
+# usage_hourly rows touched after an instant (Store.usage_changed_since): late usage.
+CHANGED_SCHEMA: dict[str, pl.DataType] = {
+    "subscription_id": pl.String(),
+    "meter": pl.String(),
+    "hour_start": INSTANT,
+    "updated_at": INSTANT,  # the rated_at of the last write that touched the row
+}
+
 # resource_spans, written and read back: which subscription and plan a resource belonged to
 # over [span_start, span_end); span_end is null while the span is open (the only nullable
 # column). Key: (resource_id, span_start).
@@ -78,6 +89,20 @@ SPANS_SCHEMA: dict[str, pl.DataType] = {
     "plan_id": pl.String(),
     "span_start": INSTANT,
     "span_end": INSTANT,
+}
+
+# resource_events: every lifecycle event stored (key: resource_id, event_id). kind is
+# "created" | "resized" | "moved" | "deleted"; plan_id / subscription_id are "" when the
+# event names none. No nulls.
+EVENTS_SCHEMA: dict[str, pl.DataType] = {
+    "resource_id": pl.String(),
+    "event_id": pl.String(),
+    "kind": pl.String(),
+    "plan_id": pl.String(),
+    "subscription_id": pl.String(),
+    "occurred_at": INSTANT,
+    "agent_id": pl.String(),
+    "received_at": INSTANT,
 }
 
 
@@ -96,6 +121,19 @@ class WriteOutcome:
     new_batches: int  # batches counted now
     duplicate_batches: int  # batches already in the ledger: nothing of them was counted again
     hourly_rows: int  # usage_hourly rows inserted or updated
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleOutcome:
+    new_events: int  # events stored now
+    duplicate_events: int  # events handed in whose (resource_id, event_id) was already stored
+    resources: int  # resources whose spans were derived again
+    spans: int  # spans those resources have now
+
+
+# derive(all stored events of some resources, EVENTS_SCHEMA) -> their spans (SPANS_SCHEMA);
+# called by write_lifecycle_events inside its transaction. Must be pure.
+SpanDeriver = Callable[[pl.DataFrame], pl.DataFrame]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +239,32 @@ class Store(Protocol):
         """How many distinct batches have been counted."""
         ...
 
+    def usage_changed_since(self, instant: datetime) -> pl.DataFrame:
+        """usage_hourly rows whose ``updated_at`` is after ``instant`` (CHANGED_SCHEMA),
+        sorted by subscription_id, meter, hour_start. ``updated_at`` is the ``rated_at`` of
+        the last write_rated (or the ``updated_at`` of the replace_hourly) that changed the
+        row, so usage that arrived after an invoice was issued at ``instant`` is exactly the
+        rows listed whose hour lies in the invoice's period."""
+        ...
+
+    def replace_hourly(
+        self,
+        start: datetime,
+        end: datetime,
+        partials: pl.DataFrame,
+        batches: pl.DataFrame,
+        updated_at: datetime,
+    ) -> int:
+        """Re-rating: in ONE transaction, with write_rated held off, make usage_hourly (and
+        batch_usage) for start <= hour_start < end (whole hours) the sums of ``partials``
+        (PARTIALS_SCHEMA, every row in the range), recomputed from exactly the batches
+        ``batches`` (BATCH_KEY_SCHEMA). Rows whose values change (or appear, or vanish)
+        take ``updated_at``; equal rows are left alone. The ledger is not touched. Raises
+        ``ReplaceConflictError`` (nothing written) unless the batches counted into those
+        hours are all in ``batches`` and every batch of ``batches`` is counted. Returns the
+        usage_hourly rows inserted, updated or deleted."""
+        ...
+
     # -- resource spans ----------------------------------------------------------------------
     def write_resource_spans(self, spans: pl.DataFrame) -> int:
         """Upsert spans (SPANS_SCHEMA) by (resource_id, span_start) in one transaction:
@@ -213,6 +277,28 @@ class Store(Protocol):
     ) -> pl.DataFrame:
         """Spans overlapping [start, end) (span_start < end and span_end is null or
         > start), SPANS_SCHEMA, sorted by resource_id, span_start."""
+        ...
+
+    def write_lifecycle_events(
+        self,
+        events: pl.DataFrame,
+        offsets: Sequence[ConsumedOffset],
+        derive: SpanDeriver,
+        stored_at: datetime,
+    ) -> LifecycleOutcome:
+        """In ONE transaction: insert the events (EVENTS_SCHEMA) whose (resource_id,
+        event_id) is new; for the resources that got a new event, read ALL their stored
+        events, call ``derive`` on them and REPLACE those resources' rows of resource_spans
+        by its result (a resource with lifecycle events has exactly the spans its events
+        give); store the consumed offsets (never moving one backwards). Events already
+        stored change nothing (the first stored wins). (resource_id, event_id) may repeat
+        within ``events`` and counts once. Any failure, ``derive``'s included, rolls back
+        everything."""
+        ...
+
+    def lifecycle_events(self, resource_ids: Sequence[str] | None = None) -> pl.DataFrame:
+        """Stored lifecycle events (EVENTS_SCHEMA), sorted by resource_id, occurred_at,
+        event_id."""
         ...
 
     # -- agent tokens ----------------------------------------------------------------------
@@ -295,6 +381,10 @@ class Store(Protocol):
 
 class IssuedInvoiceError(RuntimeError):
     """An issued invoice never changes."""
+
+
+class ReplaceConflictError(RuntimeError):
+    """A re-rating does not cover exactly the batches counted into its hours."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,9 @@ class Directory:
 
     meters: Mapping[str, MeterRule]
     resource_ids: frozenset[str]
+    # Lifecycle events only: the plans and subscriptions an event may name.
+    plan_ids: frozenset[str] = frozenset()
+    subscription_ids: frozenset[str] = frozenset()
 
 
 # Documented maximum of every limit; each limit must lie in [1, maximum].
@@ -54,6 +57,10 @@ LIMIT_MAXIMA: Mapping[str, int] = {
     "max_message_bytes": 64 * 1024 * 1024,
     # One resource id, UTF-8 bytes (longer ones are MALFORMED_RESOURCE_ID).
     "max_resource_id_bytes": 1024,
+    # Lifecycle events in one LifecycleBatch.
+    "max_events_per_batch": 100_000,
+    # How far in the past a lifecycle event may have occurred, seconds (400 days).
+    "max_event_lateness_s": 400 * 24 * 3600,
 }
 
 
@@ -68,6 +75,8 @@ class Limits:
     max_clock_skew_s: int = 300
     max_message_bytes: int = 4 * 1024 * 1024
     max_resource_id_bytes: int = 256
+    max_events_per_batch: int = 1000
+    max_event_lateness_s: int = DEFAULT_MAX_LATENESS_S
 
     def __post_init__(self) -> None:
         for f in fields(self):

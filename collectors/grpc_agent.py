@@ -203,6 +203,36 @@ class AgentClient:
             call.cancel()
 
 
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS towards the collector (PEM bytes): ``server_ca`` verifies the collector; a
+    ``certificate_chain`` and ``private_key`` are presented for mutual TLS."""
+
+    server_ca: bytes
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("give both certificate_chain and private_key, or neither")
+
+
+def open_channel(
+    target: str,
+    tls: ClientTls | None = None,
+    options: Iterable[tuple[str, int | str]] = (),
+) -> grpc.aio.Channel:
+    """A channel to the collector: plaintext, or TLS / mutual TLS with ``tls``."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.server_ca,
+        private_key=tls.private_key,
+        certificate_chain=tls.certificate_chain,
+    )
+    return grpc.aio.secure_channel(target, credentials, options=list(options))
+
+
 def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
     """The collector's ``retry-after-ms`` hint (trailing metadata), in seconds; 0 if none."""
     for key, value in exc.trailing_metadata() or ():
@@ -223,10 +253,12 @@ async def simulate_fleet(
     ground_truth_path: Path | None = None,
     channel_options: Iterable[tuple[str, int | str]] = (),
     tokens: Mapping[str, str] | None = None,
+    tls: ClientTls | None = None,
 ) -> GroundTruth:
     """Run one agent per host of ``spec`` against the collector at ``target`` (host:port),
     at most ``concurrency`` agents at once, as fast as acks allow (time compressed).
     ``tokens``: agent_id -> bearer token, for a collector that authenticates.
+    ``tls``: TLS (mutual TLS with a client certificate) towards the collector.
 
     Returns the ground truth, also written to ``ground_truth_path`` when given.
     """
@@ -235,7 +267,7 @@ async def simulate_fleet(
     truth = GroundTruth(spec)
     hosts = iter(range(spec.hosts))
 
-    async with grpc.aio.insecure_channel(target, options=list(channel_options)) as channel:
+    async with open_channel(target, tls, channel_options) as channel:
 
         async def run_hosts() -> None:
             for host in hosts:  # shared iterator: each worker takes the next host

@@ -27,15 +27,21 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
 from collectors.auth import AgentIdentity, AuthenticationError
-from collectors.ingest import AgentMismatchError, Ingestor, OverloadedError, Ticket
+from collectors.ingest import (
+    AgentMismatchError,
+    Ingestor,
+    OverloadedError,
+    PendingCommit,
+    Ticket,
+)
+from collectors.lifecycle import MalformedLifecycleBatchError
 from collectors.ports import SinkError
 from collectors.validation import MalformedBatchError
-from meterline_proto.agent.v1 import agent_pb2
 
 _log = logging.getLogger(__name__)
 
@@ -58,21 +64,30 @@ class _Refused:
 
 @dataclass(frozen=True, slots=True)
 class _InFlight:
-    task: asyncio.Task[agent_pb2.BatchAck]
+    pending: PendingCommit
     ticket: Ticket
 
 
 _Item = _InFlight | _Refused | None
 
 
-def _retrieve(task: asyncio.Task[agent_pb2.BatchAck]) -> None:
+def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark the outcome of an abandoned batch as seen (it is not acked either way)."""
-    if not task.cancelled():
-        task.exception()
+    if not future.cancelled():
+        future.exception()
 
 
-def _release(ingestor: Ingestor, ticket: Ticket, _task: object) -> None:
+def _release(ingestor: Ingestor, ticket: Ticket, _confirmed: object) -> None:
     ingestor.release(ticket)  # confirmed, failed or abandoned: the place is free again
+
+
+def _abandon(ingestor: Ingestor, item: _InFlight) -> None:
+    """A batch that will not be acked: stop waiting for its records, free its place."""
+    confirmed = item.pending.confirmed
+    if confirmed is not None:
+        confirmed.cancel()
+        confirmed.add_done_callback(_retrieve)
+    ingestor.release(item.ticket)
 
 
 def _trailer(retry_after_ms: int | None) -> Sequence[tuple[str, str]]:
@@ -81,7 +96,7 @@ def _trailer(retry_after_ms: int | None) -> Sequence[tuple[str, str]]:
 
 def _refusal(exc: Exception, retry_after_ms: int) -> _Refused:
     """The status of a batch that is not taken (``exc`` raised by admit/prepare)."""
-    if isinstance(exc, MalformedBatchError):
+    if isinstance(exc, MalformedBatchError | MalformedLifecycleBatchError):
         return _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, AuthenticationError):
         return _Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc))
@@ -94,7 +109,13 @@ def _refusal(exc: Exception, retry_after_ms: int) -> _Refused:
     raise exc
 
 
-_REFUSED_ERRORS = (MalformedBatchError, AuthenticationError, AgentMismatchError, OverloadedError)
+_REFUSED_ERRORS = (
+    MalformedBatchError,
+    MalformedLifecycleBatchError,
+    AuthenticationError,
+    AgentMismatchError,
+    OverloadedError,
+)
 
 
 class IngestHandlers:
@@ -135,6 +156,14 @@ class IngestHandlers:
             await self._abort(context, _refusal(exc, self._ingestor.settings.retry_after_ms))
         return ack.SerializeToString()
 
+    async def send_lifecycle_events(self, raw: bytes, context: Context) -> bytes:
+        identity = await self._start_call(context)
+        try:
+            ack = await self._ingestor.ingest_lifecycle(raw, identity)
+        except (*_REFUSED_ERRORS, SinkError) as exc:
+            await self._abort(context, _refusal(exc, self._ingestor.settings.retry_after_ms))
+        return ack.SerializeToString()
+
     async def stream_batches(
         self, requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[bytes]:
@@ -158,11 +187,12 @@ class IngestHandlers:
                         identity = ingestor.authenticate(metadata)
                     ticket = ingestor.admit()
                     try:
-                        prepared = ingestor.prepare(raw, identity)
+                        # Records handed to Kafka here; no task per batch (see Ingestor.start).
+                        pending = ingestor.start(ingestor.prepare(raw, identity))
                     except BaseException:
                         ingestor.release(ticket)
                         raise
-                except _REFUSED_ERRORS as exc:
+                except (*_REFUSED_ERRORS, SinkError) as exc:
                     refused = _refusal(exc, retry_after_ms)
                     message = (
                         f"batch #{ordinal} of this stream: {refused.message} (the batches "
@@ -170,9 +200,13 @@ class IngestHandlers:
                     )
                     queue.put_nowait(_Refused(refused.code, message, refused.retry_after_ms))
                     return
-                task = asyncio.create_task(ingestor.commit(prepared))
-                task.add_done_callback(functools.partial(_release, ingestor, ticket))
-                queue.put_nowait(_InFlight(task, ticket))
+                if pending.confirmed is None:
+                    ingestor.release(ticket)  # nothing to confirm
+                else:  # the place is freed when Kafka confirmed, even if the ack waits
+                    pending.confirmed.add_done_callback(
+                        functools.partial(_release, ingestor, ticket)
+                    )
+                queue.put_nowait(_InFlight(pending, ticket))
 
         def reader_done(task: asyncio.Task[None]) -> None:
             # Here, not in a `finally` of read_all: a task cancelled before its first step
@@ -189,14 +223,17 @@ class IngestHandlers:
         reader.add_done_callback(reader_done)
         if self._draining:  # drain() ran between _start_call and here
             reader.cancel()
+        current: _InFlight | None = None  # taken from the queue, not acked yet
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, _Refused):
                     await self._abort(context, item)
+                current = item
                 try:
-                    ack = await item.task
+                    ack = await ingestor.finish(item.pending)
                 except SinkError as exc:
                     await self._abort(context, _refusal(exc, retry_after_ms))
+                current = None
                 ingestor.acked(item.ticket)
                 slots.release()
                 yield ack.SerializeToString()
@@ -204,11 +241,12 @@ class IngestHandlers:
                 await reader  # surface an error of the reading side
         finally:
             reader.cancel()
+            if current is not None:  # failed, or the call ended while waiting for Kafka
+                _abandon(ingestor, current)
             while not queue.empty():  # batches behind an abort stay unacked
                 left = queue.get_nowait()
                 if isinstance(left, _InFlight):
-                    left.task.cancel()
-                    left.task.add_done_callback(_retrieve)
+                    _abandon(ingestor, left)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
@@ -220,18 +258,49 @@ class IngestHandlers:
             {
                 "StreamBatches": grpc.stream_stream_rpc_method_handler(self.stream_batches),
                 "SubmitBatch": grpc.unary_unary_rpc_method_handler(self.submit_batch),
+                "SendLifecycleEvents": grpc.unary_unary_rpc_method_handler(
+                    self.send_lifecycle_events
+                ),
             },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """TLS for the collector (PEM bytes). With ``client_ca`` set, mutual TLS: a client must
+    present a certificate signed by that CA, or the TLS handshake fails (no call is made).
+    The bearer token is still required on top (the certificate says "a fleet machine", the
+    token which agent and scope)."""
+
+    certificate_chain: bytes
+    private_key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.certificate_chain)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
         )
 
 
 class CollectorServer:
     """``port = await server.start()`` ... ``await server.stop(grace_s)``.
 
-    ``port=0`` binds a free port; ``start`` returns the bound one.
+    ``port=0`` binds a free port; ``start`` returns the bound one. ``tls`` serves TLS (mutual
+    TLS when it carries a client CA) instead of plaintext.
     """
 
-    def __init__(self, ingestor: Ingestor, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerTls | None = None,
+    ) -> None:
         self._ingestor = ingestor
+        self._tls = tls
         self._address = f"{host}:{port}"
         self._server: grpc.aio.Server | None = None
         self._handlers: IngestHandlers | None = None
@@ -249,7 +318,10 @@ class CollectorServer:
         )
         handlers = IngestHandlers(self._ingestor)
         server.add_generic_rpc_handlers((handlers.generic_handler(),))
-        port = server.add_insecure_port(self._address)
+        if self._tls is None:
+            port = server.add_insecure_port(self._address)
+        else:
+            port = server.add_secure_port(self._address, self._tls.credentials())
         if port == 0:
             raise RuntimeError(f"could not bind the collector to {self._address}")
         await server.start()
@@ -272,9 +344,15 @@ class CollectorServer:
             await self._server.wait_for_termination()
 
 
-async def serve(ingestor: Ingestor, host: str, port: int, grace_s: float = 5.0) -> None:
+async def serve(
+    ingestor: Ingestor,
+    host: str,
+    port: int,
+    grace_s: float = 5.0,
+    tls: ServerTls | None = None,
+) -> None:
     """Run a collector until cancelled; then stop it gracefully."""
-    server = CollectorServer(ingestor, host=host, port=port)
+    server = CollectorServer(ingestor, host=host, port=port, tls=tls)
     await server.start()
     try:
         await server.wait_for_termination()

@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, runtime_checkable
 
 from collectors.auth import AgentIdentity, AuthenticationError, Authenticator
 from collectors.directory import Directory, Limits
+from collectors.lifecycle import decode_lifecycle_batch, validate_lifecycle
 from collectors.ports import BatchSink, IngestMetrics, NoMetrics, SinkError
 from collectors.validation import (
     MalformedBatchError,
@@ -36,10 +38,11 @@ from collectors.validation import (
     validate,
 )
 from meterline_proto.agent.v1 import agent_pb2
-from meterline_proto.usage.v1 import rejected_samples_pb2, usage_record_pb2
+from meterline_proto.usage.v1 import lifecycle_pb2, rejected_samples_pb2, usage_record_pb2
 
 USAGE_TOPIC = "usage.samples.v1"
 REJECTS_TOPIC = "usage.rejects.v1"
+LIFECYCLE_TOPIC = "resource.events.v1"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MAX_IN_FLIGHT_PER_STREAM_MAXIMUM = 1024
 MAX_IN_FLIGHT_BATCHES_PER_PROCESS_MAXIMUM = 1_000_000
@@ -49,6 +52,65 @@ RETRY_AFTER_MS_MAXIMUM = 600_000
 
 Clock = Callable[[], datetime]
 Monotonic = Callable[[], float]
+_NO_CODES: Mapping[str, int] = {}
+_SAMPLES_OF_BATCH = 4  # SampleBatch.samples
+_SAMPLES_OF_RECORD_TAG = bytes([5 << 3 | 2])  # UsageBatchRecord.samples, length-delimited
+
+
+@runtime_checkable
+class SubmittingSink(Protocol):
+    """A :class:`BatchSink` that can also produce a record *now* and hand back the future
+    of its confirmation (``KafkaSink``): committing a batch then needs no task of its own.
+    ``submit`` returns None when it cannot produce right away (the caller falls back to
+    ``send``)."""
+
+    def submit(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[None] | None: ...
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_bytes(raw: bytes, number: int) -> bytes | None:
+    """The payload of the one length-delimited top-level field ``number`` of a parsed
+    message (b"" when absent), or None when it occurs more than once (protobuf would merge
+    the occurrences) or the bytes hold a group. A loop per top-level field, not per sample."""
+    pos, end, found = 0, len(raw), None
+    while pos < end:
+        key, pos = _varint(raw, pos)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, pos = _varint(raw, pos)
+        elif wire_type == 2:
+            length, pos = _varint(raw, pos)
+            if key >> 3 == number:
+                if found is not None:
+                    return None
+                found = (pos, pos + length)
+            pos += length
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            return None
+    return b"" if found is None else raw[found[0] : found[1]]
 
 
 def unix_ms(instant: datetime) -> int:
@@ -82,6 +144,8 @@ class IngestSettings:
     # The hint sent with RESOURCE_EXHAUSTED and UNAVAILABLE (trailing metadata).
     retry_after_ms: int = 1_000
     limits: Limits = field(default_factory=Limits)
+    # Where the accepted lifecycle events of each LifecycleBatch go (one record per batch).
+    lifecycle_topic: str = LIFECYCLE_TOPIC
 
     def __post_init__(self) -> None:
         if not self.collector_id:
@@ -90,6 +154,11 @@ class IngestSettings:
             raise ValueError("topic and rejects_topic must not be empty")
         if self.topic == self.rejects_topic:
             raise ValueError(f"topic and rejects_topic must differ, both are {self.topic!r}")
+        if not self.lifecycle_topic or self.lifecycle_topic in {self.topic, self.rejects_topic}:
+            raise ValueError(
+                f"lifecycle_topic {self.lifecycle_topic!r} must be set and differ from the "
+                "sample topics"
+            )
         _in_range(
             "max_in_flight_per_stream",
             self.max_in_flight_per_stream,
@@ -139,6 +208,21 @@ class PreparedBatch:
     rejects_record: bytes | None  # the rejected samples and reasons, for ``rejects_topic``
 
 
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCommit:
+    """A batch whose records were handed to the sink: ``await ingestor.finish(pending)``."""
+
+    ack: agent_pb2.BatchAck
+    confirmed: asyncio.Future[Any] | None  # None: nothing to write
+    records: int
+    started_at_s: float  # loop time
+
+
 class Ingestor:
     """``ack = await ingestor.ingest(raw, identity)``.
 
@@ -170,6 +254,7 @@ class Ingestor:
         self._monotonic = monotonic
         self._pending: OrderedDict[int, float] = OrderedDict()  # ticket -> admitted at
         self._tickets = 0
+        self._submitting: SubmittingSink | None = sink if isinstance(sink, SubmittingSink) else None
 
     # -- authentication ------------------------------------------------------------------
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> AgentIdentity | None:
@@ -247,22 +332,29 @@ class Ingestor:
             identity.scope if identity is not None else None,
         )
         rejections = [r.to_proto() for r in verdict.rejections]
+        accepted_count = verdict.accepted_count
         ack = agent_pb2.BatchAck(
             agent_id=batch.agent_id,
             seq=batch.seq,
-            accepted_count=verdict.accepted_count,
+            accepted_count=accepted_count,
             rejections=rejections,
         )
         record: bytes | None = None
-        if verdict.accepted_count:
-            message = usage_record_pb2.UsageBatchRecord(
+        if accepted_count:
+            header = usage_record_pb2.UsageBatchRecord(
                 agent_id=batch.agent_id,
                 seq=batch.seq,
                 received_at_unix_ms=received_at_unix_ms,
                 collector_id=self.settings.collector_id,
+            ).SerializeToString()
+            # Every sample accepted: the batch's own SampleColumns bytes, spliced in as they
+            # came (no copy of the columns, no re-encoding); else the accepted ones, compacted.
+            samples = field_bytes(raw, _SAMPLES_OF_BATCH) if not rejections else None
+            if samples is None:
+                samples = accepted_columns(batch, verdict.accepted_mask).SerializeToString()
+            record = b"".join(
+                (header, _SAMPLES_OF_RECORD_TAG, _encode_varint(len(samples)), samples)
             )
-            message.samples.CopyFrom(accepted_columns(batch, verdict.accepted_mask))
-            record = message.SerializeToString()
         rejects_record: bytes | None = None
         if rejections:
             rejected = rejected_samples_pb2.RejectedSamples(
@@ -274,8 +366,12 @@ class Ingestor:
             )
             rejected.samples.CopyFrom(accepted_columns(batch, ~verdict.accepted_mask))
             rejects_record = rejected.SerializeToString()
-        codes = Counter(agent_pb2.RejectCode.Name(r.code) for r in verdict.rejections)
-        metrics.samples_judged(verdict.sample_count, verdict.accepted_count, codes)
+        codes = (
+            Counter(agent_pb2.RejectCode.Name(r.code) for r in verdict.rejections)
+            if rejections
+            else _NO_CODES
+        )
+        metrics.samples_judged(verdict.sample_count, accepted_count, codes)
         return PreparedBatch(batch.agent_id, batch.seq, verdict, ack, record, rejects_record)
 
     async def _send(self, topic: str, key: bytes, value: bytes) -> None:
@@ -283,11 +379,25 @@ class Ingestor:
         await self._sink.send(topic, key, value)
         self.metrics.kafka_delivery(self._monotonic() - started)
 
-    async def commit(self, prepared: PreparedBatch) -> agent_pb2.BatchAck:
-        """Write the records (if any) and wait for the sink; only then return the ack."""
-        key = prepared.agent_id.encode()
+    async def _write_all(self, writes: list[tuple[str, bytes]], key: bytes) -> None:
+        """The records through ``BatchSink.send`` (a sink that cannot ``submit``)."""
+        outcomes = await asyncio.gather(
+            *(self._send(topic, key, value) for topic, value in writes), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    def start(self, prepared: PreparedBatch) -> PendingCommit:
+        """Hand the batch's records to the sink now (no await); ``finish`` waits for them.
+
+        With a :class:`SubmittingSink` this creates no task: the records are produced here
+        and their confirmations are plain futures. May raise ``SinkError``.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         writes = [
-            self._send(topic, key, value)
+            (topic, value)
             for topic, value in (
                 (self.settings.topic, prepared.record),
                 (self.settings.rejects_topic, prepared.rejects_record),
@@ -295,18 +405,51 @@ class Ingestor:
             if value is not None
         ]
         if not writes:
-            return prepared.ack
+            return PendingCommit(prepared.ack, None, 0, started)
+        key = prepared.agent_id.encode()
+        sink = self._submitting
+        futures: list[asyncio.Future[None]] = []
+        if sink is not None:
+            try:
+                for topic, value in writes:
+                    future = sink.submit(topic, key, value)
+                    if future is None:  # the producer's queue is full: wait in send()
+                        break
+                    futures.append(future)
+            except BaseException:
+                for future in futures:  # not acked either way; mark the outcome as seen
+                    future.add_done_callback(_seen)
+                raise
+        confirmed: asyncio.Future[Any]
+        if len(futures) == len(writes):
+            confirmed = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+        else:
+            confirmed = asyncio.ensure_future(self._write_all(writes[len(futures) :], key))
+            if futures:
+                confirmed = asyncio.gather(*futures, confirmed)
+        return PendingCommit(prepared.ack, confirmed, len(writes), started)
+
+    async def finish(self, pending: PendingCommit) -> agent_pb2.BatchAck:
+        """Wait until the sink confirmed every record of the batch (at most
+        ``delivery_timeout_ms`` after ``start``); only then return its ack. Raises
+        ``SinkError`` (the records' future is cancelled when the wait times out)."""
+        confirmed = pending.confirmed
+        if confirmed is None:
+            return pending.ack
+        timeout_ms = self.settings.delivery_timeout_ms
         try:
-            async with asyncio.timeout(self.settings.delivery_timeout_ms / 1000):
-                outcomes = await asyncio.gather(*writes, return_exceptions=True)
+            async with asyncio.timeout_at(pending.started_at_s + timeout_ms / 1000):
+                await confirmed
         except TimeoutError:
-            raise SinkError(
-                f"no delivery confirmation within {self.settings.delivery_timeout_ms} ms"
-            ) from None
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return prepared.ack
+            raise SinkError(f"no delivery confirmation within {timeout_ms} ms") from None
+        seconds = asyncio.get_running_loop().time() - pending.started_at_s
+        for _ in range(pending.records):
+            self.metrics.kafka_delivery(seconds)
+        return pending.ack
+
+    async def commit(self, prepared: PreparedBatch) -> agent_pb2.BatchAck:
+        """Write the records (if any) and wait for the sink; only then return the ack."""
+        return await self.finish(self.start(prepared))
 
     async def ingest(self, raw: bytes, identity: AgentIdentity | None = None) -> agent_pb2.BatchAck:
         """Admit, prepare and commit one batch (the unary path)."""
@@ -317,3 +460,58 @@ class Ingestor:
             self.release(ticket)
         self.acked(ticket)
         return ack
+
+    # -- lifecycle events ----------------------------------------------------------------
+    async def ingest_lifecycle(
+        self, raw: bytes, identity: AgentIdentity | None = None
+    ) -> agent_pb2.LifecycleAck:
+        """Admit, validate and write one ``LifecycleBatch``; return its ack only after Kafka
+        confirmed the record of its accepted events (none accepted: nothing is written).
+
+        Raises ``MalformedLifecycleBatchError``, ``AgentMismatchError``, ``OverloadedError``
+        or ``SinkError``. The collector keeps no state: a resent batch is written again and
+        rating counts each ``(resource_id, event_id)`` once.
+        """
+        ticket = self.admit()
+        try:
+            limits = self.settings.limits
+            batch = decode_lifecycle_batch(raw, limits)
+            if identity is not None and batch.agent_id != identity.agent_id:
+                raise AgentMismatchError(
+                    f"lifecycle batch of agent_id={batch.agent_id!r}: this token belongs to "
+                    f"agent {identity.agent_id!r}"
+                )
+            received_at_unix_ms = unix_ms(self._clock())
+            verdict = validate_lifecycle(
+                batch,
+                self.directory,
+                limits,
+                received_at_unix_ms // 1000,
+                identity.scope if identity is not None else None,
+            )
+            if verdict.accepted:
+                record = lifecycle_pb2.LifecycleRecord(
+                    agent_id=batch.agent_id,
+                    received_at_unix_ms=received_at_unix_ms,
+                    collector_id=self.settings.collector_id,
+                    events=verdict.accepted,
+                )
+                try:
+                    async with asyncio.timeout(self.settings.delivery_timeout_ms / 1000):
+                        await self._send(
+                            self.settings.lifecycle_topic,
+                            batch.agent_id.encode(),
+                            record.SerializeToString(),
+                        )
+                except TimeoutError:
+                    raise SinkError(
+                        f"no delivery confirmation within {self.settings.delivery_timeout_ms} ms"
+                    ) from None
+        finally:
+            self.release(ticket)
+        self.acked(ticket)
+        return agent_pb2.LifecycleAck(
+            agent_id=batch.agent_id,
+            accepted_count=len(verdict.accepted),
+            rejections=verdict.rejections,
+        )

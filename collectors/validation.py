@@ -85,6 +85,10 @@ BoolArray = npt.NDArray[np.bool_]
 # Unicode category Cc: C0 controls, DEL and C1 controls.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 DETAIL_ID_CHARS = 80  # ids quoted in a rejection's detail are cut to this length
+# Up to this many samples, builtin min/max over the decoded columns (C loops) beat the fixed
+# cost of NumPy conversions; above it, NumPy is cheaper (measured per all-accepted prepare:
+# 16 samples 53 -> 22 µs, 128: 55 -> 45 µs, 256: 58 -> 70 µs; 1,000: twice the NumPy cost).
+SMALL_BATCH = 128
 
 
 def resource_id_problem(resource_id: str, limits: Limits) -> str | None:
@@ -119,6 +123,59 @@ def _malformed_entries(entries: list[str], limits: Limits) -> BoolArray:
     ):
         return np.zeros(len(entries), dtype=np.bool_)
     return np.array([resource_id_problem(e, limits) is not None for e in entries], dtype=np.bool_)
+
+
+def _entries_well_formed(entries: list[str], limits: Limits) -> bool:
+    """Every dictionary entry is a well-formed resource id (one pass over the joined text)."""
+    if not entries:
+        return True
+    if "" in entries or CONTROL_CHARACTERS.search("".join(entries)) is not None:
+        return False
+    limit = limits.max_resource_id_bytes
+    # per dictionary entry, not per sample
+    return max(map(len, entries)) * 4 <= limit or all(len(e.encode()) <= limit for e in entries)
+
+
+def _all_accepted(
+    cols: samples_pb2.SampleColumns,
+    directory: Directory,
+    limits: Limits,
+    now_unix_s: int,
+    scope: Scope | None,
+) -> bool:
+    """A conservative, NumPy-free test that every sample of ``cols`` passes every rule.
+
+    True only when every *dictionary entry* passes the dictionary rules and the columns'
+    extremes pass the per-sample rules (``max(start) + max(duration)`` bounds every end,
+    ``min(start)`` against the smallest lateness of the dictionary's meters bounds every
+    start); False means "not proven", and the full vectorised rules decide. The builtins
+    ``min``/``max`` run in C over the decoded columns: no Python loop per sample.
+    """
+    meters = directory.meters
+    rules = [meters.get(name) for name in cols.meter_dict]  # per dictionary entry
+    if not rules or None in rules:
+        return False
+    resource_dict = list(cols.resource_dict)
+    if not directory.resource_ids.issuperset(resource_dict):
+        return False
+    if (
+        scope is not None
+        and not scope.all_resources
+        and not scope.resource_ids.issuperset(resource_dict)
+    ):
+        return False
+    if not _entries_well_formed(resource_dict, limits):
+        return False
+    value, duration, start = cols.value, cols.duration_s, cols.start_unix_s
+    max_duration = max(duration)
+    return (
+        min(value) >= 0
+        and max(value) <= limits.max_value
+        and min(duration) >= limits.min_duration_s
+        and max_duration <= limits.max_duration_s
+        and max(start) + max_duration <= now_unix_s + limits.max_clock_skew_s
+        and min(start) >= now_unix_s - min(r.max_lateness_s for r in rules if r is not None)
+    )
 
 
 def _quoted(name: str) -> str:
@@ -201,7 +258,10 @@ def decode_batch(raw: bytes, limits: Limits | None = None) -> agent_pb2.SampleBa
             )
         if n == 0:
             continue
-        index = np.array(getattr(cols, index_name), dtype=np.uint32)
+        column = getattr(cols, index_name)
+        if n <= SMALL_BATCH and max(column) < size:  # the common case, without NumPy
+            continue
+        index = np.array(column, dtype=np.uint32)
         bad = np.flatnonzero(index >= size)
         if bad.size:
             first = int(bad[0])
@@ -224,6 +284,11 @@ def validate(
     ``scope``: the resources the caller may report (None: all, unauthenticated use only).
     """
     cols = batch.samples
+    if not cols.value:
+        return Verdict(accepted_mask=np.zeros(0, dtype=np.bool_), rejections=())
+    n_samples = len(cols.value)
+    if n_samples <= SMALL_BATCH and _all_accepted(cols, directory, limits, now_unix_s, scope):
+        return Verdict(accepted_mask=np.ones(n_samples, dtype=np.bool_), rejections=())
     resource_index = np.array(cols.resource_index, dtype=np.intp)
     meter_index = np.array(cols.meter_index, dtype=np.intp)
     start = np.array(cols.start_unix_s, dtype=np.int64)

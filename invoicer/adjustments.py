@@ -213,7 +213,14 @@ def adjustment_invoice(
         total_minor=total,
         document_type="credit_note" if total < 0 else "adjustment",
         adjusts=base.key,
+        issuer=_issuer(base_document),
     )
+
+
+def _issuer(document: Mapping[str, object]) -> str | None:
+    """A reseller's invoice is corrected by the same reseller (§9)."""
+    issuer = document.get("issuer")
+    return issuer if isinstance(issuer, str) else None
 
 
 def timezone_of(stored: StoredInvoice) -> str:

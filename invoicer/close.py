@@ -9,24 +9,32 @@ saves all drafts in one call. Closing the same inputs twice saves the same bytes
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from aggregation.ports import Store, StoredInvoice, UsageTotal
 from invoicer.adjustments import reconcile
+from invoicer.batch import gc_paused
+from invoicer.consolidation import BillingGraph
 from invoicer.documents import to_stored_invoice
 from invoicer.invoice import Invoice, InvoiceLine
 from invoicer.lines import (
     ChargeConfigurationError,
     SubscriptionPeriod,
-    hourly_lines,
+    display_quantity,
     recurring_line,
+    resource_hourly_lines,
+    segments_in,
     usage_lines,
+    usage_windows,
 )
 from invoicer.periods import Period, account_period, format_instant, to_utc
+from invoicer.rules import Exclusion, RuledUsage, mark_excluded, usage_with_rules
+from invoicer.store_spans import catalog_with_store_spans
 from invoicer.totals import finish_invoice
-from rating.catalog import DEFAULT_GRACE, Account, Catalog, Resource, Subscription
+from rating.catalog import DEFAULT_GRACE, Account, Catalog, Plan, Resource, Subscription
 
 
 class PeriodNotClosableError(RuntimeError):
@@ -91,7 +99,10 @@ class CatalogIndex:
             subscriptions[subscription.account_id].append(subscription)
         resources: dict[str, list[Resource]] = defaultdict(list)
         for resource in catalog.resources.values():
-            resources[resource.subscription_id].append(resource)
+            # Its own subscription, and every subscription a span moves it to.
+            owners = {resource.subscription_id, *map(resource.span_subscription, resource.spans)}
+            for owner in owners:
+                resources[owner].append(resource)
         return cls(
             {k: tuple(sorted(v, key=lambda s: s.id)) for k, v in subscriptions.items()},
             {k: tuple(sorted(v, key=lambda r: r.id)) for k, v in resources.items()},
@@ -112,12 +123,13 @@ def closable_at(
     index = index or CatalogIndex.of(catalog)
     graces: list[timedelta] = []
     for subscription in index.subscriptions(account_id):
-        plan = catalog.plans.get(subscription.plan_id)
-        if plan is None:
-            continue  # reported by rate_account_period
-        graces.extend(
-            catalog.meters[u.meter].grace for u in plan.usage if u.meter in catalog.meters
-        )
+        for plan_id in subscription.plan_ids():
+            plan = catalog.plans.get(plan_id)
+            if plan is None:
+                continue  # reported by rate_account_period
+            graces.extend(
+                catalog.meters[u.meter].grace for u in plan.usage if u.meter in catalog.meters
+            )
     return period.end + max(graces, default=DEFAULT_GRACE)
 
 
@@ -143,12 +155,19 @@ def rate_account_period(
     period: Period,
     usage_totals: Iterable[UsageTotal],
     index: CatalogIndex | None = None,
+    *,
+    exclusions: Mapping[tuple[str, str], Exclusion] | None = None,
+    segment_usage: UsageFetch | None = None,
 ) -> Invoice:
     """The account's draft invoice for ``period`` (pure).
 
     ``usage_totals`` are the period's totals per (subscription, meter); totals of other
     accounts' subscriptions and of meters the plan does not price are ignored. ``index``
     (``CatalogIndex.of(catalog)``) saves rebuilding it when rating many accounts.
+    ``exclusions`` (``invoicer.rules.usage_with_rules``): where billing rules made usage
+    non-billable, ``usage_totals`` hold the billable part and the lines show the rest.
+    ``segment_usage`` (``segment_usage_of(store, catalog)``) is asked for the usage of each
+    plan segment of a subscription that has several in the period (required then).
     """
     account = _account(catalog, account_id)
     index = index or CatalogIndex.of(catalog)
@@ -157,30 +176,100 @@ def rate_account_period(
 
     lines: list[InvoiceLine] = []
     for subscription in subscriptions:
-        plan = catalog.plans.get(subscription.plan_id)
-        if plan is None:
-            raise ChargeConfigurationError(
-                f"subscription {subscription.id!r} refers to unknown plan {subscription.plan_id!r}"
+        # Plan segments (BILLING-SEMANTICS §3-§5): recurring and usage per segment, each
+        # prorated by the segment's share; usage buckets by the segment of their hour start.
+        segments = segments_in(subscription, period)
+        several = len(segments) > 1
+        for segment, (lo, hi) in zip(segments, usage_windows(segments, period), strict=True):
+            plan = _plan(catalog, account, subscription, segment.plan_id)
+            sp = SubscriptionPeriod(
+                account, subscription, plan, period, segment if several else None
             )
-        plan = account.plan_for(plan)  # the account's contract prices, if any
-        sp = SubscriptionPeriod(account, subscription, plan, period)
-        if plan.recurring is not None:
-            line = recurring_line(sp, plan.recurring)
-            if line is not None:
-                lines.append(line)
-        if plan.hourly is not None:
-            lines.extend(hourly_lines(sp, plan.hourly, index.resources(subscription.id)))
-        for charge in plan.usage:
-            total = usage.get((subscription.id, charge.meter))
-            if total is None:
-                continue
-            meter = catalog.meters.get(charge.meter)
-            if meter is None:
-                raise ChargeConfigurationError(
-                    f"plan {plan.id!r} prices unknown meter {charge.meter!r}"
+            if plan.recurring is not None:
+                line = recurring_line(sp, plan.recurring)
+                if line is not None:
+                    lines.append(line)
+            segment_totals = usage
+            if several:
+                if segment_usage is None:
+                    raise ChargeConfigurationError(
+                        f"subscription {subscription.id!r} has {len(segments)} plan segments "
+                        f"in {period.start.isoformat()}..{period.end.isoformat()}: pass "
+                        "segment_usage to rate its usage per segment"
+                    )
+                segment_totals = _usage_index(
+                    {subscription.id}, segment_usage(lo, hi, [subscription.id])
                 )
-            lines.extend(usage_lines(sp, charge, meter, total))
+            for charge in plan.usage:
+                total = segment_totals.get((subscription.id, charge.meter))
+                if total is None:
+                    continue
+                meter = catalog.meters.get(charge.meter)
+                if meter is None:
+                    raise ChargeConfigurationError(
+                        f"plan {plan.id!r} prices unknown meter {charge.meter!r}"
+                    )
+                charge_lines = usage_lines(sp, charge, meter, total)
+                excluded = (
+                    None if several else (exclusions or {}).get((subscription.id, charge.meter))
+                )
+                if excluded is not None:  # billing rules (§8): show the excluded usage
+                    used = display_quantity(meter, excluded.full, period)
+                    billable = display_quantity(meter, total, period)
+                    charge_lines = mark_excluded(charge_lines, used, billable, excluded)
+                lines.extend(charge_lines)
+        # Hourly per resource and plan: each resize segment counted and capped on its plan.
+        whole = SubscriptionPeriod(
+            account,
+            subscription,
+            _plan(catalog, account, subscription, segments[-1].plan_id),
+            period,
+        )
+        lines.extend(
+            resource_hourly_lines(
+                whole,
+                index.resources(subscription.id),
+                catalog.span_owner,
+                partial(_plan, catalog, account, subscription),
+            )
+        )
     return finish_invoice(catalog, account, period, lines, subscriptions)
+
+
+# ``Store.usage_totals`` as a function: (start, end, subscription ids) -> totals per
+# (subscription, meter) of the buckets with start <= hour_start < end.
+UsageFetch = Callable[[datetime, datetime, Sequence[str]], Iterable[UsageTotal]]
+
+
+def _plan(catalog: Catalog, account: Account, subscription: Subscription, plan_id: str) -> Plan:
+    plan = catalog.plans.get(plan_id)
+    if plan is None:
+        raise ChargeConfigurationError(
+            f"subscription {subscription.id!r} refers to unknown plan {plan_id!r}"
+        )
+    return account.plan_for(plan)  # the account's contract prices, if any
+
+
+def segment_usage_of(store: Store, catalog: Catalog) -> UsageFetch:
+    """The ``segment_usage`` of ``rate_account_period`` for a store: the billable usage of
+    a window (billing rules applied), one query per segment of a subscription that changes
+    plan in the period."""
+
+    def fetch(start: datetime, end: datetime, ids: Sequence[str]) -> list[UsageTotal]:
+        totals = store.usage_totals(start, end, ids)
+        return usage_with_rules(catalog, start, end, totals, store.usage_totals).totals
+
+    return fetch
+
+
+def billable_usage(
+    store: Store, catalog: Catalog, period: Period, subscription_ids: Sequence[str]
+) -> RuledUsage:
+    """The period's usage totals of ``subscription_ids`` with the billing rules (§8)
+    applied: the billable totals and what the rules excluded (one more store query per
+    distinct rule window; none without rules)."""
+    totals = store.usage_totals(period.start, period.end, subscription_ids)
+    return usage_with_rules(catalog, period.start, period.end, totals, store.usage_totals)
 
 
 def _has_business(subscriptions: Iterable[Subscription], period: Period, invoice: Invoice) -> bool:
@@ -190,6 +279,7 @@ def _has_business(subscriptions: Iterable[Subscription], period: Period, invoice
     return any(period.overlap_us(s.start, s.end) > 0 for s in subscriptions)
 
 
+@gc_paused  # see invoicer/batch.py: nothing here makes reference cycles
 def close_period(
     store: Store, catalog: Catalog, year: int, month: int, now: datetime
 ) -> CloseResult:
@@ -203,12 +293,20 @@ def close_period(
     label = f"{year:04d}-{month:02d}"
     accounts = sorted(catalog.accounts.values(), key=lambda a: a.id)
     periods = {a.id: account_period(a, year, month) for a in accounts}
+    # Spans the store derived from lifecycle events bill next to the catalog's (issue 5).
+    if periods:
+        latest_end = max(p.end for p in periods.values())
+        catalog = catalog_with_store_spans(catalog, store.resource_spans(EPOCH, latest_end))
 
     index = CatalogIndex.of(catalog)
+    graph = BillingGraph.of(catalog)  # bill-to and resellers (§9)
     pending = []
     for account in accounts:
         period = periods[account.id]
-        closable = closable_at(catalog, account.id, period, index)
+        on_invoice = graph.on_invoice(account.id)
+        if not on_invoice:
+            continue  # its lines are on its payer's invoice, closed in the payer's period
+        closable = max(closable_at(catalog, a, period, index) for a in on_invoice)
         if now < closable:
             pending.append((account.id, period, closable))
     if pending:
@@ -220,16 +318,26 @@ def close_period(
 
     invoices: list[Invoice] = []
     for period, group in sorted(by_period.items(), key=lambda item: item[0].start):
-        subscription_ids = sorted(s.id for a in group for s in index.subscriptions(a.id))
+        subscription_ids = sorted(s.id for a in group for s in graph.subscriptions_on(a.id, index))
         totals_by_subscription: dict[str, list[UsageTotal]] = defaultdict(list)
+        ruled = RuledUsage([], {})
         if subscription_ids:
-            for total in store.usage_totals(period.start, period.end, subscription_ids):
+            ruled = billable_usage(store, catalog, period, subscription_ids)
+            for total in ruled.totals:
                 totals_by_subscription[total.subscription_id].append(total)
         for account in group:
-            subscriptions = index.subscriptions(account.id)
+            subscriptions = graph.subscriptions_on(account.id, index)
             totals = [t for s in subscriptions for t in totals_by_subscription.get(s.id, ())]
-            invoice = rate_account_period(catalog, account.id, period, totals, index)
-            if _has_business(subscriptions, period, invoice):
+            invoice = rate_invoice(
+                graph,
+                account.id,
+                period,
+                totals,
+                index,
+                exclusions=ruled.exclusions,
+                segment_usage=segment_usage_of(store, catalog),
+            )
+            if invoice is not None and _has_business(subscriptions, period, invoice):
                 invoices.append(invoice)
 
     invoices.sort(key=lambda i: i.key)
@@ -246,6 +354,7 @@ def close_period(
 # Issued invoices whose period ended within the meters' largest max lateness plus this margin
 # are re-rated by every close (a monthly close must see usage that arrived up to the last day).
 ADJUSTMENT_LOOKBACK_MARGIN = timedelta(days=45)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # store spans are read from here on
 
 
 def rerate_periods(
@@ -257,20 +366,34 @@ def rerate_periods(
     """The fresh draft of each (account, period), or None where the account has no
     business in it; one usage query per distinct period."""
     index = index or CatalogIndex.of(catalog)
+    graph = BillingGraph.of(catalog)
     totals: dict[Period, dict[str, list[UsageTotal]]] = {}
+    excluded: dict[Period, dict[tuple[str, str], Exclusion]] = {}
     for period in sorted({p for _, p in requests}, key=lambda p: (p.start, p.end, p.timezone)):
-        ids = sorted({s.id for a, q in requests if q == period for s in index.subscriptions(a)})
+        ids = sorted(
+            {s.id for a, q in requests if q == period for s in graph.subscriptions_on(a, index)}
+        )
         by_subscription: dict[str, list[UsageTotal]] = defaultdict(list)
-        if ids:
-            for total in store.usage_totals(period.start, period.end, ids):
-                by_subscription[total.subscription_id].append(total)
+        ruled = billable_usage(store, catalog, period, ids) if ids else RuledUsage([], {})
+        for total in ruled.totals:
+            by_subscription[total.subscription_id].append(total)
         totals[period] = by_subscription
+        excluded[period] = ruled.exclusions
     out: list[Invoice | None] = []
     for account_id, period in requests:
-        subscriptions = index.subscriptions(account_id)
+        subscriptions = graph.subscriptions_on(account_id, index)
         usage = [t for s in subscriptions for t in totals[period].get(s.id, ())]
-        invoice = rate_account_period(catalog, account_id, period, usage, index)
-        out.append(invoice if _has_business(subscriptions, period, invoice) else None)
+        invoice = rate_invoice(
+            graph,
+            account_id,
+            period,
+            usage,
+            index,
+            exclusions=excluded[period],
+            segment_usage=segment_usage_of(store, catalog),
+        )
+        business = invoice is not None and _has_business(subscriptions, period, invoice)
+        out.append(invoice if business else None)
     return out
 
 
@@ -290,3 +413,63 @@ def _with_adjustments(
     )
     store.delete_drafts(obsolete)
     return saved, tuple(untouched)
+
+
+# -- bill-to and resellers (BILLING-SEMANTICS §9, invoicer/consolidation.py) ------------------
+
+
+def rate_invoice(
+    graph: BillingGraph,
+    account_id: str,
+    period: Period,
+    usage_totals: Iterable[UsageTotal],
+    index: CatalogIndex | None = None,
+    *,
+    exclusions: Mapping[tuple[str, str], Exclusion] | None = None,
+    segment_usage: UsageFetch | None = None,
+) -> Invoice | None:
+    """The invoice of ``account_id`` for ``period`` with bill-to and resellers (pure):
+
+    - None when its lines are on its payer's invoice (``bill_to``, or a reseller's
+      customer's platform-priced lines, which are on the reseller's invoice);
+    - a reseller's customer: its own invoice at the reseller's price book, ``issuer`` =
+      the reseller;
+    - a payer: its lines and, grouped under each (``InvoiceLine.account_id``), those of the
+      accounts it pays for, each rated on its own (charges, its campaigns), then the
+      payer's commitment and taxes on the whole;
+    - anyone else: ``rate_account_period`` as is.
+
+    ``usage_totals`` must hold the usage of every account on the invoice
+    (``graph.subscriptions_on``) over ``period``.
+    """
+    on_invoice = graph.on_invoice(account_id)
+    if not on_invoice:
+        return None
+    index = index or CatalogIndex.of(graph.catalog)
+    totals = list(usage_totals)
+    rate = partial(
+        rate_account_period,
+        period=period,
+        usage_totals=totals,
+        index=index,
+        exclusions=exclusions,
+        segment_usage=segment_usage,
+    )
+    reseller = graph.reseller_of(account_id)
+    if reseller is not None:
+        return replace(rate(graph.book_views[reseller], account_id), issuer=reseller)
+    if len(on_invoice) == 1:
+        return rate(graph.catalog, account_id)
+    lines: list[InvoiceLine] = []
+    for member in on_invoice:
+        part = rate(graph.platform_view, member).lines
+        lines.extend(
+            part if member == account_id else (replace(x, account_id=member) for x in part)
+        )
+    return finish_invoice(
+        graph.invoice_view,
+        graph.catalog.accounts[account_id],
+        period,
+        lines,
+        graph.subscriptions_on(account_id, index),
+    )

@@ -16,7 +16,7 @@ from typing import TypeAlias
 
 from aggregation.ports import StoredInvoice
 from invoicer.exact import decimal_text, money_text
-from invoicer.invoice import Invoice, InvoiceLine
+from invoicer.invoice import Invoice, InvoiceLine, LineKind
 from invoicer.periods import format_instant
 from rating.money import format_minor
 
@@ -47,8 +47,14 @@ def line_to_dict(line: InvoiceLine) -> dict[str, JsonValue]:
         "currency": line.currency,
         "usage_quantity": _optional_quantity(line.usage_quantity),
         "included_quantity": _optional_quantity(line.included_quantity),
+        "excluded_quantity": _optional_quantity(line.excluded_quantity),
         "cap": None if line.cap is None else money_text(line.cap, line.currency),
+        "tier": line.tier,
+        "applies_to": line.applies_to,
+        "tax_rate": _optional_quantity(line.tax_rate),
+        "jurisdiction": line.jurisdiction,
         "refs": {
+            "account_id": line.account_id,
             "subscription_id": line.subscription_id,
             "plan_id": line.plan_id,
             "meter": line.meter,
@@ -76,9 +82,14 @@ def invoice_to_dict(invoice: Invoice) -> dict[str, JsonValue]:
         "lines": [line_to_dict(line) for line in invoice.lines],
         "subtotal_minor": invoice.subtotal_minor,
         "subtotal": format_minor(invoice.subtotal_minor, invoice.currency),
+        "tax_minor": invoice.tax_minor,
+        "tax": format_minor(invoice.tax_minor, invoice.currency),
+        "notes": list(invoice.notes),
         "total_minor": invoice.total_minor,
         "total": format_minor(invoice.total_minor, invoice.currency),
     }
+    if invoice.issuer is not None:  # a reseller's invoice to its customer (§9)
+        document["issuer"] = invoice.issuer
     if invoice.document_type != "invoice":  # absent on invoices: their bytes stay as they were
         document["document_type"] = invoice.document_type
         document["adjusts"] = invoice.adjusts
@@ -91,8 +102,61 @@ def invoice_to_json(invoice: Invoice) -> str:
 
 
 def canonical_json(document: JsonValue) -> str:
-    """Keys sorted, two-space indent, UTF-8 text, no trailing newline."""
-    return json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False)
+    """Keys sorted, two-space indent, UTF-8 text, no trailing newline.
+
+    Byte for byte ``json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False)``
+    (a property test proves it), written out here because the standard library falls back
+    to its pure-Python encoder whenever ``indent`` is given, which made JSON the largest
+    cost of a period close. Strings go through the standard library's C string encoder.
+    """
+    return _encode(document, "\n")
+
+
+_encode_string = json.encoder.encode_basestring  # the C implementation when available
+
+
+def _encode(value: object, newline: str) -> str:
+    """One value, its nested lines indented from ``newline``. Scalars inside a container
+    are encoded inline (one call per container, not per value: this is the hot path)."""
+    kind = type(value)
+    if kind is dict:
+        assert isinstance(value, dict)
+        if not value:
+            return "{}"
+        inner = newline + "  "
+        parts = []
+        for key in sorted(value):
+            if type(key) is not str:
+                raise TypeError(f"canonical JSON keys are strings, not {key!r}")
+            item = value[key]
+            item_kind = type(item)
+            if item_kind is str:
+                text = _encode_string(item)
+            elif item is None:
+                text = "null"
+            elif item_kind is int:
+                text = int.__repr__(item)
+            else:
+                text = _encode(item, inner)
+            parts.append(_encode_string(key) + ": " + text)
+        return "{" + inner + ("," + inner).join(parts) + newline + "}"
+    if kind is list:
+        assert isinstance(value, list)
+        if not value:
+            return "[]"
+        inner = newline + "  "
+        return "[" + inner + ("," + inner).join([_encode(v, inner) for v in value]) + newline + "]"
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return _encode_string(value)
+    if isinstance(value, int):
+        return int.__repr__(value)
+    raise TypeError(f"not a canonical JSON value: {value!r}")
 
 
 def to_stored_invoice(invoice: Invoice) -> StoredInvoice:
@@ -127,22 +191,62 @@ def _row(label: str, amount: str = "") -> str:
     return f"  {label:<{_LABEL_WIDTH}}{amount:>{_AMOUNT_WIDTH}}".rstrip()
 
 
+def _line_detail(line: InvoiceLine, currency: str) -> str:
+    """The second row of a line: quantity x unit price, and what else the line carries."""
+    if line.kind is LineKind.TAX:
+        rate = "0" if line.tax_rate is None else decimal_text(line.tax_rate)
+        where = f" {line.jurisdiction}" if line.jurisdiction else ""
+        detail = f"{rate} %{where} on {money_text(line.quantity, currency)} {currency}"
+    else:
+        detail = (
+            f"{decimal_text(line.quantity)} {line.unit} x {money_text(line.unit_price, currency)}"
+        )
+    extras = []
+    if line.tier is not None:
+        extras.append(f"tier {line.tier}")
+    if line.excluded_quantity:
+        extras.append(f"{decimal_text(line.excluded_quantity)} {line.unit} excluded")
+    if line.applies_to is not None:
+        extras.append(f"on {line.applies_to}")
+    return detail + "".join(f"; {x}" for x in extras)
+
+
 def _invoice_text(invoice: Invoice) -> str:
     period = invoice.period
     currency = invoice.currency
     local = f"{period.local_start_date} to {period.local_end_date} ({period.timezone})"
     span = f"[{format_instant(period.start)}, {format_instant(period.end)})"
     out = [
-        f"Invoice {invoice.key} ({invoice.status}) - {invoice.account_name}, {currency}",
+        f"Invoice {invoice.key} ({invoice.status}"
+        + (f", issued by {invoice.issuer}" if invoice.issuer else "")
+        + f") - {invoice.account_name}, {currency}",
         f"  period {local} = {span}",
     ]
+    charges = [line for line in invoice.lines if line.kind is not LineKind.TAX]
+    taxes = [line for line in invoice.lines if line.kind is LineKind.TAX]
     if not invoice.lines:
         out.append("  (no charges)")
-    for line in invoice.lines:
+    grouped = any(line.account_id is not None for line in charges)
+    payee: str | None = None
+    for line in charges:
+        account = line.account_id or invoice.account_id
+        if grouped and account != payee:  # bill-to / reseller: lines grouped per account
+            payee = account
+            out.append(f"  for account {account}:")
         amount = format_minor(line.amount_minor, currency)
         out.append(_row(f"{line.kind.value:<10}{line.description}", amount))
-        quantity = f"{decimal_text(line.quantity)} {line.unit}"
-        out.append(_row(f"{'':<10}{quantity} x {money_text(line.unit_price, currency)}"))
+        out.append(_row(f"{'':<10}{_line_detail(line, currency)}"))
     out.append(_row("Subtotal", format_minor(invoice.subtotal_minor, currency)))
+    for line in taxes:
+        out.append(
+            _row(
+                f"{line.kind.value:<10}{line.description}",
+                format_minor(line.amount_minor, currency),
+            )
+        )
+        out.append(_row(f"{'':<10}{_line_detail(line, currency)}"))
+    if taxes:
+        out.append(_row("Tax", format_minor(invoice.tax_minor, currency)))
     out.append(_row(f"Total {currency}", format_minor(invoice.total_minor, currency)))
+    out.extend(f"  Note: {note}" for note in invoice.notes)
     return "\n".join(out)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from fractions import Fraction
+from functools import lru_cache
 
 from rating.money import exponent, round_minor
 
@@ -32,9 +33,9 @@ class AmountRangeError(ValueError):
 
 def truncate(value: Fraction, places: int = PRECISE_PLACES) -> Decimal:
     """``value`` truncated toward zero to ``places`` decimals, exactly (integer arithmetic)."""
-    scale = 10**places
-    scaled = abs(value.numerator) * scale // value.denominator
-    if value < 0:
+    numerator = value.numerator
+    scaled = abs(numerator) * 10**places // value.denominator
+    if numerator < 0:  # (not ``value < 0``: a Fraction comparison costs ten times more)
         scaled = -scaled
     return Decimal(scaled).scaleb(-places)
 
@@ -50,21 +51,34 @@ def minor_units(precise: Decimal, currency: str, where: str) -> int:
 
 
 def fraction(value: Decimal) -> Fraction:
-    """A finite ``Decimal`` as an exact ``Fraction``."""
+    """A finite ``Decimal`` as an exact ``Fraction`` (cached: prices repeat on every line;
+    equal Decimals are the same number, so they share one Fraction)."""
     if not value.is_finite():
         raise ValueError(f"{value} is not a finite number")
+    return _fraction(value)
+
+
+@lru_cache(maxsize=4096)
+def _fraction(value: Decimal) -> Fraction:
     return Fraction(value)
 
 
 def decimal_text(value: Decimal, min_places: int = 0) -> str:
-    """Fixed-point text: trailing zeros stripped, at least ``min_places`` decimals."""
+    """Fixed-point text: trailing zeros stripped, at least ``min_places`` decimals.
+
+    String work on ``format(value, "f")`` (no exponent, exact digits): the same text as
+    formatting ``value.normalize()`` with ``max(places, min_places)`` decimals (a property
+    test compares the two), without the normalisation's context arithmetic, which also
+    rounded values of more than 28 significant digits (never an amount: < 10**13 with 12
+    places)."""
     if not value.is_finite():
         raise ValueError(f"{value} is not a finite number")
-    normal = value.normalize()
-    exp = normal.as_tuple().exponent
-    assert isinstance(exp, int)  # finite: never 'n', 'N' or 'F'
-    places = max(-exp, min_places, 0)
-    return f"{normal:.{places}f}"
+    text = format(value, "f")
+    whole, _, places = text.partition(".")
+    places = places.rstrip("0")
+    if len(places) < min_places:
+        places += "0" * (min_places - len(places))
+    return f"{whole}.{places}" if places else whole
 
 
 def money_text(value: Decimal, currency: str) -> str:

@@ -49,8 +49,30 @@ CSV_COLUMNS = (
     "plan_id",
     "meter",
     "resource_id",
+    # issue 4 additions (appended: earlier columns keep their positions)
+    "line_account_id",
+    "tier",
+    "applies_to",
+    "tax_rate",
+    "jurisdiction",
+    "usage_quantity",
+    "included_quantity",
+    "excluded_quantity",
+    "invoice_notes",
+    "issuer",
 )
-_NUMERIC = {"quantity", "unit_price", "amount_precise", "amount", "amount_minor"}
+_NUMERIC = {
+    "quantity",
+    "unit_price",
+    "amount_precise",
+    "amount",
+    "amount_minor",
+    "tier",
+    "tax_rate",
+    "usage_quantity",
+    "included_quantity",
+    "excluded_quantity",
+}
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 Document = Mapping[str, Any]
@@ -114,9 +136,44 @@ def to_csv(document: Document) -> str:
             "plan_id": refs.get("plan_id"),
             "meter": refs.get("meter"),
             "resource_id": refs.get("resource_id"),
+            "line_account_id": refs.get("account_id") or document["account"]["id"],
+            "tier": line.get("tier"),
+            "applies_to": line.get("applies_to"),
+            "tax_rate": line.get("tax_rate"),
+            "jurisdiction": line.get("jurisdiction"),
+            "usage_quantity": line.get("usage_quantity"),
+            "included_quantity": line.get("included_quantity"),
+            "excluded_quantity": line.get("excluded_quantity"),
+            "invoice_notes": " | ".join(str(n) for n in document.get("notes") or ()),
+            "issuer": document.get("issuer"),
         }
         writer.writerow([_cell(c, row[c]) for c in CSV_COLUMNS])
     return out.getvalue()
+
+
+def _line_notes(line: Mapping[str, Any]) -> str:
+    """The small print under a line: kind, key, and tier / excluded usage / target line."""
+    parts = [str(line["kind"]), str(line["key"])]
+    if line.get("tier") is not None:
+        parts.append(f"tier {line['tier']}")
+    if line.get("usage_quantity") is not None:
+        parts.append(f"used {line['usage_quantity']} {line['unit']}")
+    if line.get("included_quantity") not in (None, "0"):
+        parts.append(f"included {line['included_quantity']}")
+    if line.get("excluded_quantity") not in (None, "0"):
+        parts.append(f"excluded (non-billable) {line['excluded_quantity']}")
+    if line.get("applies_to"):
+        parts.append(f"applies to {line['applies_to']}")
+    return " · ".join(parts)
+
+
+def _tax_label(line: Mapping[str, Any]) -> str:
+    rate = line.get("tax_rate") or "0"
+    where = f" {line['jurisdiction']}" if line.get("jurisdiction") else ""
+    label = f"Tax {rate} %{where} on {line['quantity']}"
+    if line.get("applies_to"):
+        label += f" ({line['applies_to']})"
+    return label
 
 
 def _local(instant: str, tz_name: str) -> str:
@@ -139,6 +196,7 @@ tr.sub td { border-top: 1px solid #ccc; font-weight: 600; }
 .totals tr.grand td { border-top: 2px solid #111; font-weight: 700; }
 .small { color: #555; font-size: 9pt; }
 .draft { color: #a00; font-weight: 700; }
+.note { font-weight: 600; }
 @media print { body { margin: 0; max-width: none; } }
 """
 
@@ -164,6 +222,8 @@ def to_html(document: Document) -> str:
             ),
         ),
     ]
+    if document.get("issuer"):
+        meta.append(("Issued by", f"{document['issuer']} (reseller)"))
     if document.get("issued_at"):
         meta.append(("Issued at", document["issued_at"]))
     if document.get("adjusts"):
@@ -185,9 +245,17 @@ def to_html(document: Document) -> str:
     out.extend(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in meta)
     out.append("</table>")
 
-    groups: dict[str, list[Mapping[str, Any]]] = {}
+    account_id = str(document["account"]["id"])
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    taxes: list[Mapping[str, Any]] = []
     for line in document["lines"]:
-        groups.setdefault(str(line["refs"].get("subscription_id") or ""), []).append(line)
+        if line["kind"] == "tax":
+            taxes.append(line)
+            continue
+        payee = str(line["refs"].get("account_id") or account_id)
+        group = (payee, str(line["refs"].get("subscription_id") or ""))
+        groups.setdefault(group, []).append(line)
+    several_accounts = len({payee for payee, _ in groups}) > 1
     out.append("<h2>Charges</h2>")
     if not groups:
         out.append("<p>No charges in this period.</p>")
@@ -197,11 +265,16 @@ def to_html(document: Document) -> str:
             "<tr><th>Description</th><th>Service period</th><th class='num'>Quantity</th>"
             "<th class='num'>Unit price</th><th class='num'>Amount</th></tr>"
         )
-        for subscription_id in sorted(groups):
-            lines = groups[subscription_id]
+        for payee, subscription_id in sorted(groups):
+            lines = groups[(payee, subscription_id)]
             plan = lines[0]["refs"].get("plan_id")
             subtotal = sum(int(line["amount_minor"]) for line in lines)
-            label = f"Subscription {subscription_id}" + (f" (plan {plan})" if plan else "")
+            if subscription_id:
+                label = f"Subscription {subscription_id}" + (f" (plan {plan})" if plan else "")
+            else:
+                label = "Invoice-level lines"
+            if several_accounts:  # bill-to / reseller: lines grouped under their account
+                label = f"Account {payee}: {label}"
             out.append(
                 f"<tr class='sub'><td colspan='4'>{e(label)}</td>"
                 f"<td class='num'>{e(format_minor(subtotal, currency))}</td></tr>"
@@ -212,7 +285,7 @@ def to_html(document: Document) -> str:
                 out.append(
                     "<tr>"
                     f"<td>{e(str(line['description']))}"
-                    f"<div class='small'>{e(str(line['kind']))} · {e(str(line['key']))}</div></td>"
+                    f"<div class='small'>{e(_line_notes(line))}</div></td>"
                     f"<td>{e(span)}</td>"
                     f"<td class='num'>{e(str(line['quantity']))} {e(str(line['unit']))}</td>"
                     f"<td class='num'>{e(str(line['unit_price']))}</td>"
@@ -225,11 +298,22 @@ def to_html(document: Document) -> str:
         f"<tr><td>Subtotal</td><td class='num'>{e(str(document['subtotal']))} "
         f"{e(currency)}</td></tr>"
     )
+    out.extend(
+        f"<tr><td>{e(_tax_label(line))}<div class='small'>{e(str(line['description']))}"
+        f"</div></td><td class='num'>{e(str(line['amount']))} {e(currency)}</td></tr>"
+        for line in taxes
+    )
+    if taxes:
+        out.append(
+            f"<tr><td>Tax</td><td class='num'>{e(str(document.get('tax', '')))} "
+            f"{e(currency)}</td></tr>"
+        )
     out.append(
         f"<tr class='grand'><td>Total</td><td class='num'>{e(str(document['total']))} "
         f"{e(currency)}</td></tr>"
     )
     out.append("</table>")
+    out.extend(f"<p class='note'>{e(str(note))}</p>" for note in document.get("notes") or ())
     out.append(
         f"<p class='small'>Service periods are shown in {e(tz_name)}; each line is rounded "
         "once, half away from zero, and the total is the exact sum of the lines.</p>"

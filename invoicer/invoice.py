@@ -74,6 +74,11 @@ class InvoiceLine:
     # tax lines: the rate in percent and the jurisdiction
     tax_rate: Decimal | None = None
     jurisdiction: str | None = None
+    # usage lines: the usage a billing rule made non-billable (shown, not charged; §8)
+    excluded_quantity: Decimal | None = None
+    # bill-to and reseller invoices: the account whose usage the line is for, when it is
+    # not the invoice's own account (None: the invoice's account; §9)
+    account_id: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -106,6 +111,9 @@ class Invoice:
     adjusts: str | None = None
     # Notes the invoice must print (e.g. the EU reverse-charge statement), in order.
     notes: tuple[str, ...] = ()
+    # Who issues it: None = the platform; a reseller's account id for the invoice of one of
+    # its customers at the reseller's price book (BILLING-SEMANTICS §9).
+    issuer: str | None = None
 
     @property
     def tax_minor(self) -> int:

@@ -18,7 +18,8 @@ from typing import Protocol
 
 from aggregation.ports import BillingEvent, IssueRendering, Store, StoredInvoice
 from invoicer.documents import JsonValue, canonical_json
-from invoicer.periods import format_instant, to_utc
+from invoicer.periods import Period, format_instant, to_utc
+from invoicer.periods import period_label as label_of_period
 
 DEFAULT_ISSUER = "ML"
 BILLING_EVENTS_TOPIC = "billing.events.v1"
@@ -40,6 +41,13 @@ def series_for(issuer: str, issued_at: datetime) -> str:
             f"issuer {issuer!r} must be 1-12 capital letters or digits, starting with a letter"
         )
     return f"{issuer}-{to_utc('issued_at', issued_at).year:04d}"
+
+
+def reseller_series(reseller_id: str, issued_at: datetime) -> str:
+    """The series of the invoices a reseller issues to its customers (BILLING-SEMANTICS
+    §9): ``{reseller account id}-{UTC year}``, gapless on its own, apart from the
+    platform's."""
+    return f"{reseller_id}-{to_utc('issued_at', issued_at).year:04d}"
 
 
 def invoice_number(series: str, seq: int) -> str:
@@ -74,6 +82,7 @@ def issued_event(document: dict[str, JsonValue], topic: str, issued_at: datetime
         "document_type": document.get("document_type", "invoice"),
         "adjusts": document.get("adjusts"),
         "account": account["id"],
+        "issuer": document.get("issuer"),
         "currency": document["currency"],
         "total_minor": document["total_minor"],
         "total": document["total"],
@@ -129,23 +138,52 @@ def issue_invoices(
     series = series_for(issuer, issued_at)
     if len(set(keys)) != len(keys):
         raise IssueError("an invoice key is given twice")
+    series_of: dict[str, str] = {}
     for key in keys:
         stored = store.load_invoice(key)
         if stored is None:
             raise IssueError(f"no invoice {key!r}")
         if stored.status != "draft":
             raise IssueError(f"invoice {key!r} is already issued; nothing was issued")
+        reseller = _load(stored.document, key).get("issuer")
+        series_of[key] = series
+        if isinstance(reseller, str):  # a reseller's invoice to its customer (§9)
+            series_of[key] = reseller_series(reseller, issued_at)
+            if series_of[key] == series:
+                raise IssueError(
+                    f"invoice {key!r}: reseller {reseller!r} would share the platform's "
+                    f"series {series!r}; choose another --issuer"
+                )
 
     def render(draft: StoredInvoice, seq: int) -> IssueRendering:
-        return render_issued(draft, invoice_number(series, seq), issued_at, topic)
+        number = invoice_number(series_of[draft.key], seq)
+        return render_issued(draft, number, issued_at, topic)
 
-    issued = [store.issue_invoice(key, series, issued_at, render) for key in keys]
+    issued = [store.issue_invoice(key, series_of[key], issued_at, render) for key in keys]
     return IssueResult(tuple(issued))
+
+
+def document_period_label(document: dict[str, JsonValue], key: str = "invoice") -> str:
+    """The ``YYYY-MM`` label of a stored document's billing period: the month holding the
+    period's last local day (``invoicer.periods.period_label``), the rule ``meterline close
+    --period`` uses, so that close, issue and list select the same period for every policy
+    (``month_end_day: 25``: the label 2026-11 is [2026-10-26, 2026-11-26))."""
+    period = document.get("period")
+    if not isinstance(period, dict):
+        raise IssueError(f"invoice {key!r}: stored document has no period")
+    start, end, tz = period.get("start"), period.get("end"), period.get("timezone")
+    if not (isinstance(start, str) and isinstance(end, str) and isinstance(tz, str)):
+        raise IssueError(f"invoice {key!r}: stored document has an incomplete period")
+    year, month = label_of_period(
+        Period(datetime.fromisoformat(start), datetime.fromisoformat(end), tz)
+    )
+    return f"{year:04d}-{month:02d}"
 
 
 def drafts_of(store: Store, period_label: str | None = None) -> list[str]:
     """Keys of the drafts (invoices, adjustments, credit notes), sorted; with
-    ``period_label`` ("2026-10") only those whose period starts in that local month."""
+    ``period_label`` ("2026-10") only those of the period labelled so (the one whose last
+    local day is in that month, as ``close --period`` selects it)."""
     if period_label is not None and not _PERIOD_LABEL.match(period_label):
         raise IssueError(f"period {period_label!r} must look like 2026-10")
     keys = []
@@ -153,9 +191,8 @@ def drafts_of(store: Store, period_label: str | None = None) -> list[str]:
         if stored.status != "draft":
             continue
         if period_label is not None:
-            period = _load(stored.document, stored.key).get("period")
-            local_start = period.get("local_start") if isinstance(period, dict) else None
-            if not (isinstance(local_start, str) and local_start.startswith(period_label)):
+            document = _load(stored.document, stored.key)
+            if document_period_label(document, stored.key) != period_label:
                 continue
         keys.append(stored.key)
     return keys

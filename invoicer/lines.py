@@ -12,8 +12,8 @@ Scalar code on purpose: a handful of lines per subscription, each in exact ``Fra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -28,6 +28,7 @@ from rating.catalog import (
     Meter,
     MeterKind,
     Plan,
+    PlanSegment,
     PricingModel,
     RecurringCharge,
     Resource,
@@ -56,19 +57,28 @@ class SubscriptionPeriod:
     subscription: Subscription
     plan: Plan
     period: Period
+    # The plan segment seen, when the subscription has several in the period: then the
+    # active range is the segment's, and line keys carry ``@{segment start in the period}``.
+    segment: PlanSegment | None = None
 
     @property
     def currency(self) -> str:
         return self.account.currency
 
     @property
+    def _bounds(self) -> tuple[datetime, datetime | None]:
+        if self.segment is None:
+            return self.subscription.start, self.subscription.end
+        return self.segment.start, self.segment.end
+
+    @property
     def active_range(self) -> tuple[datetime, datetime] | None:
-        """The subscription's [start, end) clipped to the period, or None (no overlap)."""
-        return self.period.clip(self.subscription.start, self.subscription.end)
+        """The subscription's (or segment's) [start, end) clipped to the period, or None."""
+        return self.period.clip(*self._bounds)
 
     @property
     def active_us(self) -> int:
-        return self.period.overlap_us(self.subscription.start, self.subscription.end)
+        return self.period.overlap_us(*self._bounds)
 
     @property
     def active_fraction(self) -> Fraction:
@@ -82,7 +92,10 @@ class SubscriptionPeriod:
         return self.active_range or (self.period.start, self.period.end)
 
     def key(self, charge: str, detail: str | None = None) -> str:
-        return line_key(self.account.id, self.period, self.subscription.id, charge, detail)
+        owner = self.subscription.id
+        if self.segment is not None:
+            owner += "@" + segment_stamp(self.service_period[0])
+        return line_key(self.account.id, self.period, owner, charge, detail)
 
     def price(self, prices: Mapping[str, Decimal], what: str) -> Fraction:
         """The charge's price in the account's currency, or a configuration error."""
@@ -95,6 +108,43 @@ class SubscriptionPeriod:
                 f"priced in {', '.join(sorted(prices)) or 'no currency'}"
             ) from None
         return fraction(value)
+
+
+def segment_stamp(instant: datetime) -> str:
+    """``20261015T1200Z`` (seconds and microseconds only when not zero): distinguishes the
+    line keys of a subscription's plan segments in one period."""
+    instant = to_utc("segment start", instant)
+    stamp = f"{instant:%Y%m%dT%H%M}"
+    if instant.second or instant.microsecond:
+        stamp += f"{instant:%S}"
+    if instant.microsecond:
+        stamp += f".{instant:%f}"
+    return stamp + "Z"
+
+
+def segments_in(subscription: Subscription, period: Period) -> tuple[PlanSegment, ...]:
+    """The subscription's plan segments active in ``period``, in order. When none is (late
+    usage of a subscription not active in the period), the one segment nearest to it: the
+    last that starts before the period ends, or else the first."""
+    segments = subscription.segments()
+    active = tuple(s for s in segments if period.overlap_us(s.start, s.end) > 0)
+    if active:
+        return active
+    before = [s for s in segments if s.start < period.end]
+    return (before[-1] if before else segments[0],)
+
+
+def usage_windows(
+    segments: Sequence[PlanSegment], period: Period
+) -> list[tuple[datetime, datetime]]:
+    """The hour-start windows whose usage buckets each segment bills: a bucket belongs to
+    the segment its ``hour_start`` is in (a change mid-hour bills that hour on the earlier
+    plan); the first window starts with the period and the last ends with it, so the
+    windows tile the period and no bucket is lost."""
+    cuts = [s.start for s in segments[1:]]
+    starts = [period.start, *cuts]
+    ends = [*cuts, period.end]
+    return list(zip(starts, ends, strict=True))
 
 
 # -- pure arithmetic --------------------------------------------------------------------------
@@ -189,9 +239,10 @@ def _line(
     included_quantity: Fraction | None = None,
     cap: Fraction | None = None,
     tier: int | None = None,
+    service: tuple[datetime, datetime] | None = None,
 ) -> InvoiceLine:
     precise = truncate(amount)
-    start, end = sp.service_period
+    start, end = service or sp.service_period
     return InvoiceLine(
         key=key,
         kind=kind,
@@ -279,6 +330,92 @@ def hourly_lines(
             )
         )
     return lines
+
+
+def resource_hourly_lines(
+    sp: SubscriptionPeriod,
+    resources: Sequence[Resource],
+    owner: Callable[[Resource, Span], tuple[str, str]],
+    plan_for: Callable[[str], Plan],
+) -> list[InvoiceLine]:
+    """Hourly lines per resource and plan (BILLING-SEMANTICS §3): the resource's spans that
+    belong to ``sp.subscription`` (``owner(resource, span)`` -> (subscription, plan), e.g.
+    ``Catalog.span_owner``) are grouped by plan; each plan's spans are summed inside the
+    subscription's active range, counted in started hours and capped on that plan
+    (``plan_for(plan id)``, contract prices applied). A plan without an hourly charge bills
+    nothing. When a resource has hours on several plans (a resize), each line's key ends in
+    ``/{resource}@{plan}`` and its service period is the hull of that plan's spans;
+    otherwise the key and service period are those of a plain hourly line."""
+    window = sp.active_range
+    if window is None:
+        return []
+    lines: list[InvoiceLine] = []
+    for resource in sorted(resources, key=lambda r: r.id):
+        by_plan: dict[str, list[Span]] = {}
+        for span in resource.spans:
+            subscription_id, plan_id = owner(resource, span)
+            if subscription_id == sp.subscription.id:
+                by_plan.setdefault(plan_id, []).append(span)
+        found: list[tuple[SubscriptionPeriod, HourlyCharge, int, tuple[datetime, datetime]]] = []
+        for plan_id in sorted(by_plan):
+            plan = plan_for(plan_id)
+            if plan.hourly is None:
+                continue
+            spans = by_plan[plan_id]
+            where = f"resource {resource.id!r} on plan {plan_id!r}"
+            hours = billable_hours(merged_active_us(spans, *window, where=where))
+            if hours == 0:
+                continue
+            clipped = [
+                (max(s.start, window[0]), window[1] if s.end is None else min(s.end, window[1]))
+                for s in spans
+            ]
+            hull = (
+                min(lo for lo, hi in clipped if lo < hi),
+                max(hi for lo, hi in clipped if lo < hi),
+            )
+            found.append((replace(sp, plan=plan), plan.hourly, hours, hull))
+        several = len(found) > 1
+        for psp, charge, hours, hull in found:
+            detail = f"{resource.id}@{psp.plan.id}" if several else resource.id
+            lines.append(
+                _hourly_line(
+                    psp, charge, resource, hours, detail=detail, service=hull if several else None
+                )
+            )
+    return lines
+
+
+def _hourly_line(
+    sp: SubscriptionPeriod,
+    charge: HourlyCharge,
+    resource: Resource,
+    hours: int,
+    *,
+    detail: str,
+    service: tuple[datetime, datetime] | None,
+) -> InvoiceLine:
+    rate = sp.price(charge.rates, "hourly rate")
+    cap = fraction(charge.caps[sp.currency]) if sp.currency in charge.caps else None
+    uncapped = rate * hours
+    amount = capped(uncapped, cap)
+    limited = cap is not None and amount < uncapped
+    description = f"{sp.plan.name}: {resource.kind} {resource.id}, {hours} started hours"
+    if limited:
+        description += f", capped at {money_text(truncate(amount), sp.currency)}"
+    return _line(
+        sp,
+        key=sp.key("hourly", detail),
+        kind=LineKind.HOURLY,
+        description=description,
+        quantity=Fraction(hours),
+        unit="hour",
+        unit_price=rate,
+        amount=amount,
+        resource_id=resource.id,
+        cap=cap if limited else None,
+        service=service,
+    )
 
 
 def usage_line(

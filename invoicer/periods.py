@@ -16,6 +16,7 @@ import calendar
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rating.catalog import Account, BillingPeriod, PeriodPolicy, TimezoneChange
@@ -40,6 +41,8 @@ def _require_utc(name: str, instant: datetime) -> datetime:
 
 def to_utc(name: str, instant: datetime) -> datetime:
     """``instant`` as a UTC datetime; naive datetimes are refused, other offsets converted."""
+    if instant.tzinfo is UTC:  # the common case, and astimezone would return it as is
+        return instant
     if instant.utcoffset() is None:
         raise PeriodError(f"{name} {instant.isoformat()} is naive; expected an aware datetime")
     return instant.astimezone(UTC)
@@ -177,6 +180,7 @@ def parse_period_label(label: str) -> tuple[int, int]:
     return year, month
 
 
+@lru_cache(maxsize=8192)  # every line of a period repeats the same few instants
 def format_instant(instant: datetime) -> str:
     """ISO 8601 in UTC with a ``Z``: ``2026-09-30T22:00:00Z`` (microseconds only if any)."""
     text = to_utc("instant", instant).replace(tzinfo=None).isoformat()

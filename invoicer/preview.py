@@ -15,10 +15,12 @@ from typing import Any
 import polars as pl
 
 from aggregation.ports import Store, StoredInvoice
-from invoicer.close import CatalogIndex, rate_account_period
+from invoicer.close import CatalogIndex, billable_usage, rate_invoice, segment_usage_of
+from invoicer.consolidation import BillingGraph
 from invoicer.invoice import Invoice
 from invoicer.lines import ChargeConfigurationError
 from invoicer.periods import Period, PeriodError, account_period, to_utc
+from invoicer.rules import RuledUsage
 from rating.catalog import Catalog
 
 
@@ -40,9 +42,25 @@ def preview_invoice(store: Store, catalog: Catalog, account_id: str, now: dateti
     """The draft of the open period for ``account_id`` at ``now``; never saved."""
     period = open_period(catalog, account_id, now)
     index = CatalogIndex.of(catalog)
-    ids = [s.id for s in index.subscriptions(account_id)]
-    totals = store.usage_totals(period.start, period.end, ids) if ids else []
-    return rate_account_period(catalog, account_id, period, totals, index)
+    graph = BillingGraph.of(catalog)  # bill-to and resellers (§9)
+    if not graph.on_invoice(account_id):
+        raise ChargeConfigurationError(
+            f"account {account_id!r} is invoiced to {graph.payer[account_id]!r} "
+            "(bill_to): preview that account"
+        )
+    ids = [s.id for s in graph.subscriptions_on(account_id, index)]
+    ruled = billable_usage(store, catalog, period, ids) if ids else RuledUsage([], {})
+    invoice = rate_invoice(
+        graph,
+        account_id,
+        period,
+        ruled.totals,
+        index,
+        exclusions=ruled.exclusions,
+        segment_usage=segment_usage_of(store, catalog),
+    )
+    assert invoice is not None  # on_invoice above
+    return invoice
 
 
 class ExplainError(ValueError):

@@ -121,9 +121,13 @@ def cmd_invoice_export(args: argparse.Namespace) -> int:
 
 
 def cmd_invoice_list(args: argparse.Namespace) -> int:
+    from invoicer.issue import document_period_label
+    from invoicer.periods import parse_period_label
     from meterline.wiring import open_migrated_store
     from rating.money import format_minor
 
+    if args.period:
+        parse_period_label(args.period)  # a clear error for a malformed label
     store = open_migrated_store(_settings(args).store_url)
     try:
         invoices = store.load_invoices()
@@ -131,8 +135,7 @@ def cmd_invoice_list(args: argparse.Namespace) -> int:
         store.close()
     for stored in invoices:
         document = json.loads(stored.document)
-        local_start = str(document.get("period", {}).get("local_start", ""))
-        if args.period and not local_start.startswith(args.period):
+        if args.period and document_period_label(document, stored.key) != args.period:
             continue
         _say(
             f"{stored.key:<48} {stored.status:<7} {document.get('number') or '-':<16} "
@@ -282,7 +285,11 @@ def register(
         "issue", help="number and freeze drafts (gapless per-issuer series), publish events"
     )
     issue.add_argument("keys", nargs="*", metavar="KEY", help="invoice keys to issue")
-    issue.add_argument("--period", help="every draft whose period starts in YYYY-MM")
+    issue.add_argument(
+        "--period",
+        help="every draft of the period labelled YYYY-MM: per account, the period whose last "
+        "local day is in that month (as `close --period` selects it)",
+    )
     issue.add_argument("--all", action="store_true", help="every draft")
     issue.add_argument("--issuer", help="series prefix (default: METERLINE_INVOICE_ISSUER)")
     issue.add_argument("--now", type=_instant, help="the issue instant (default: now)")
@@ -299,7 +306,11 @@ def register(
     export.set_defaults(handler=cmd_invoice_export)
 
     listing = invoice_commands.add_parser("list", help="invoices with status and number")
-    listing.add_argument("--period", help="only periods starting in YYYY-MM")
+    listing.add_argument(
+        "--period",
+        help="only the period labelled YYYY-MM (per account, the one whose last local day is "
+        "in that month, as `close --period`)",
+    )
     store_option(listing)
     listing.set_defaults(handler=cmd_invoice_list)
 

@@ -95,7 +95,7 @@ def cmd_catalog_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_collector_serve(args: argparse.Namespace) -> int:
-    from collectors.grpc_server import serve
+    from collectors.grpc_server import ServerTls, serve
     from collectors.ingest import Ingestor, IngestSettings
     from collectors.kafka_sink import KafkaSink
     from collectors.prometheus_metrics import MetricsServer, PrometheusMetrics
@@ -122,6 +122,17 @@ def cmd_collector_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     host, _, port = (args.listen or settings.collector_listen).rpartition(":")
+    tls: ServerTls | None = None
+    if (args.tls_cert is None) != (args.tls_key is None) or (
+        args.client_ca is not None and args.tls_cert is None
+    ):
+        raise UsageError("give --tls-cert and --tls-key together (and --client-ca only with them)")
+    if args.tls_cert is not None:
+        tls = ServerTls(
+            Path(args.tls_cert).read_bytes(),
+            Path(args.tls_key).read_bytes(),
+            Path(args.client_ca).read_bytes() if args.client_ca is not None else None,
+        )
     metrics = PrometheusMetrics()
     metrics_server: MetricsServer | None = None
     if args.metrics_port is not None:
@@ -150,7 +161,7 @@ def cmd_collector_serve(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
         refreshing = asyncio.create_task(refresher.run())
         try:
-            await serve(ingestor, host, int(port))  # stops gracefully when cancelled
+            await serve(ingestor, host, int(port), tls=tls)  # stops gracefully when cancelled
         finally:
             refreshing.cancel()
             await asyncio.gather(refreshing, return_exceptions=True)
@@ -212,8 +223,37 @@ def cmd_rate(args: argparse.Namespace) -> int:
             group_id=settings.consumer_group,
             deadletter_topic=settings.deadletter_topic,
             max_records_per_poll=settings.rating_max_records_per_poll,
+            consumer_config=(
+                {"group.instance.id": settings.rating_group_instance_id}
+                if settings.rating_group_instance_id is not None
+                else {}
+            ),
         )
         with RatingWorker(config, store, current_catalog(store), system_clock) as worker:
+            if args.until_idle is not None:
+                stats = worker.run_until_idle(args.until_idle, args.max_seconds)
+            else:
+                stop = threading.Event()
+                signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                signal.signal(signal.SIGINT, lambda *_: stop.set())
+                stats = worker.run(stop)
+    finally:
+        store.close()
+    print(stats)
+    return EXIT_OK
+
+
+def cmd_spans_run(args: argparse.Namespace) -> int:
+    from meterline.wiring import current_catalog, open_migrated_store, system_clock
+    from rating.lifecycle_worker import SpansConfig, SpansWorker
+
+    settings = _settings(args)
+    store = open_migrated_store(settings.store_url)
+    try:
+        config = SpansConfig(
+            bootstrap=settings.kafka_bootstrap, topic=args.topic, group_id=args.group
+        )
+        with SpansWorker(config, store, current_catalog(store), system_clock) as worker:
             if args.until_idle is not None:
                 stats = worker.run_until_idle(args.until_idle, args.max_seconds)
             else:
@@ -385,11 +425,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on PORT"
     )
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument(
+        "--client-ca", metavar="PEM", help="mutual TLS: require client certificates of this CA"
+    )
     serve.set_defaults(handler=cmd_collector_serve)
 
     sub = command("rate", cmd_rate, "run a rating worker (consumer group member)")
     _store_option(sub)
     _kafka_option(sub)
+    sub.add_argument("--until-idle", type=float, metavar="SECONDS", help="stop when idle this long")
+    sub.add_argument("--max-seconds", type=float, default=3600.0, help="with --until-idle")
+
+    spans = commands.add_parser("spans", help="resource spans from lifecycle events")
+    spans_commands = spans.add_subparsers(dest="spans_command", required=True)
+    sub = spans_commands.add_parser(
+        "run", help="consume resource.events.v1 into the store's resource spans"
+    )
+    sub.set_defaults(handler=cmd_spans_run)
+    _store_option(sub)
+    _kafka_option(sub)
+    sub.add_argument("--topic", default="resource.events.v1")
+    sub.add_argument("--group", default="meterline-spans", help="consumer group")
     sub.add_argument("--until-idle", type=float, metavar="SECONDS", help="stop when idle this long")
     sub.add_argument("--max-seconds", type=float, default=3600.0, help="with --until-idle")
 
@@ -455,12 +513,19 @@ def build_parser() -> argparse.ArgumentParser:
         billing_cli.scheduled_or(cmd_close),
         "close a billing period: draft invoices for every account",
     )
-    sub.add_argument("--period", help="YYYY-MM, in each account's timezone")
+    sub.add_argument(
+        "--period",
+        help="YYYY-MM: per account, the period whose last local day (in the account's "
+        "timezone) falls in that month",
+    )
     sub.add_argument("--now", type=_instant, help="the clock (default: now)")
     sub.add_argument("--format", choices=("text", "json"), default="text")
     _store_option(sub)
     billing_cli.add_scheduler_options(sub)
     billing_cli.register(commands, command, _store_option, _kafka_option)
+    from meterline import usage_cli
+
+    usage_cli.register(command, _store_option)
 
     sub = command("demo", cmd_demo, "the whole pipeline on embedded defaults, one month")
     sub.add_argument("--workdir", default="var/demo")

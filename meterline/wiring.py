@@ -57,6 +57,8 @@ def directory_for(catalog: Catalog) -> Directory:
             for name, meter in catalog.meters.items()
         },
         resource_ids=frozenset(catalog.resources),
+        plan_ids=frozenset(catalog.plans),
+        subscription_ids=frozenset(catalog.subscriptions),
     )
 
 

@@ -202,6 +202,11 @@ class Account:
     tax: TaxProfile | None = None  # None: no tax lines at all
     price_overrides: Mapping[str, PriceOverride] = field(default_factory=dict)  # by plan id
     commitment: Mapping[str, Decimal] = field(default_factory=dict)  # currency -> minimum
+    # BILLING-SEMANTICS §9: the account whose invoice carries this account's lines (same
+    # currency, no cycles), and the reseller whose customer this account is (billed at the
+    # reseller's price book; the reseller is billed at platform prices for its usage).
+    bill_to: str | None = None
+    reseller: str | None = None
 
     def plan_for(self, plan: Plan) -> Plan:
         """``plan`` with this account's contract prices applied."""
@@ -210,20 +215,69 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True)
+class PlanChange:
+    """From ``at`` (UTC) on, the subscription is on ``plan_id`` (until the next change)."""
+
+    at: datetime
+    plan_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSegment:
+    """A stretch [start, end) of a subscription on one plan; end None = open-ended."""
+
+    start: datetime
+    end: datetime | None
+    plan_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Subscription:
     id: str
     account_id: str
-    plan_id: str
+    plan_id: str  # the plan from ``start`` until the first plan change
     start: datetime  # UTC, inclusive
     end: datetime | None = None  # UTC, exclusive; None = open-ended
+    # Effective-dated plan history, strictly increasing ``at`` inside (start, end).
+    plan_changes: tuple[PlanChange, ...] = ()
+
+    def segments(self) -> tuple[PlanSegment, ...]:
+        """The plan segments tiling [start, end): the base plan, then one per change."""
+        starts = [(self.start, self.plan_id), *((c.at, c.plan_id) for c in self.plan_changes)]
+        ends = [c.at for c in self.plan_changes] + [self.end]
+        return tuple(
+            PlanSegment(start, end, plan) for (start, plan), end in zip(starts, ends, strict=True)
+        )
+
+    def plan_at(self, instant: datetime) -> str:
+        """The plan in effect at ``instant`` (before ``start``: the base plan; at or after
+        ``end``: the last one)."""
+        plan = self.plan_id
+        for change in self.plan_changes:
+            if change.at > instant:
+                break
+            plan = change.plan_id
+        return plan
+
+    def plan_ids(self) -> tuple[str, ...]:
+        """Every plan of the subscription's history, in order of first use."""
+        return tuple(dict.fromkeys([self.plan_id, *(c.plan_id for c in self.plan_changes)]))
 
 
 @dataclass(frozen=True, slots=True)
 class Span:
-    """A stretch of a resource's life, [start, end); end None = still running."""
+    """A stretch of a resource's life, [start, end); end None = still running.
+
+    During a span the resource belongs to ``subscription_id`` on ``plan_id``; None means
+    the defaults: the resource's subscription, and that subscription's plan in effect at
+    the span start (see ``Catalog.span_owner``). A resize closes a span and opens one on the
+    new plan; a move to another subscription likewise.
+    """
 
     start: datetime
     end: datetime | None = None
+    subscription_id: str | None = None
+    plan_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +286,10 @@ class Resource:
     subscription_id: str
     kind: str  # server, volume, ip, ...
     spans: tuple[Span, ...] = ()
+
+    def span_subscription(self, span: Span) -> str:
+        """The subscription the resource belongs to during ``span``."""
+        return span.subscription_id if span.subscription_id is not None else self.subscription_id
 
 
 class DiscountKind(StrEnum):
@@ -266,6 +324,39 @@ class Campaign:
 
 
 @dataclass(frozen=True, slots=True)
+class BillingRule:
+    """Non-billable usage (BILLING-SEMANTICS §8): the usage hours whose start lies in
+    [start, end) of the (account, subscription, meter) the rule matches (None = any) are
+    shown on the invoice as excluded and not charged."""
+
+    id: str
+    reason: str
+    start: datetime
+    end: datetime | None = None  # None = open-ended
+    account_id: str | None = None
+    subscription_id: str | None = None
+    meter: str | None = None
+
+    def matches(self, account_id: str, subscription_id: str, meter: str) -> bool:
+        return (
+            self.account_id in (None, account_id)
+            and self.subscription_id in (None, subscription_id)
+            and self.meter in (None, meter)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PriceBook:
+    """A reseller's prices (BILLING-SEMANTICS §9): for each platform plan id its customers
+    subscribe to, the plan the reseller bills them at."""
+
+    id: str
+    reseller_id: str
+    plans: Mapping[str, Plan]  # platform plan id -> the reseller's plan for it
+    campaigns: Mapping[str, Campaign] = field(default_factory=dict)  # the reseller's own
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
     meters: Mapping[str, Meter]
     plans: Mapping[str, Plan]
@@ -273,3 +364,16 @@ class Catalog:
     subscriptions: Mapping[str, Subscription]
     resources: Mapping[str, Resource]
     campaigns: Mapping[str, Campaign] = field(default_factory=dict)
+    billing_rules: Mapping[str, BillingRule] = field(default_factory=dict)
+    price_books: Mapping[str, PriceBook] = field(default_factory=dict)  # by id
+
+    def span_owner(self, resource: Resource, span: Span) -> tuple[str, str]:
+        """(subscription id, plan id) of ``resource`` during ``span``, defaults resolved: the
+        resource's subscription, and that subscription's plan in effect at the span start."""
+        subscription_id = resource.span_subscription(span)
+        if span.plan_id is not None:
+            return subscription_id, span.plan_id
+        subscription = self.subscriptions.get(subscription_id)
+        if subscription is None:
+            raise KeyError(f"resource {resource.id!r}: unknown subscription {subscription_id!r}")
+        return subscription_id, subscription.plan_at(span.start)

@@ -41,16 +41,43 @@ The format (every key not listed is an error; money is quoted)::
           - {plan: vps-s, hourly: {rate: {EUR: "0.0050"}, cap: {EUR: "3.00"}}}
     subscriptions:
       - {id: acme-vps-1, account: acme, plan: vps-s, start: "2026-10-11T00:00:00+02:00"}
+      - id: acme-app
+        account: acme
+        plan: vps-s                  # in effect from start until the first change
+        start: "2026-09-01T00:00:00Z"
+        plan_changes:                # effective-dated: each plan from `at` to the next change
+          - {at: "2026-10-15T12:00:00Z", plan: vps-m}   # increasing, inside (start, end)
     resources:
       - id: srv-1
         subscription: acme-vps-1
         kind: server
-        spans:
+        spans:                       # disjoint; may lie outside the subscription (not billed)
           - {start: "2026-10-03T10:20:00Z", end: "2026-10-05T08:10:00Z"}
+          - {start: "2026-10-05T08:10:00Z", end: null,     # a resize: a new span, new plan
+             plan: vps-m, subscription: acme-vps-1}        # defaults: the resource's
+                                     # subscription and its plan in effect at the span start
     campaigns:
       - {id: launch, name: Launch, kind: percentage, percent: "20",   # or fixed + amount
          from: "2026-01-01T00:00:00Z", to: null, first_periods: "3",
          scope: {plan: vps-s, charge: usage, meter: net.egress.bytes}, accounts: [acme]}
+    billing_rules:                      # non-billable usage (BILLING-SEMANTICS §8)
+      - {id: outage-42, from: "2026-10-12T10:00:00Z", to: "2026-10-12T14:00:00Z",
+         match: {account: acme, subscription: acme-vps-1, meter: net.egress.bytes},
+         reason: "Incident 42: egress during the outage is not billed"}
+    price_books:                        # a reseller's prices (BILLING-SEMANTICS §9)
+      - id: hoster-book
+        reseller: hoster                # an account
+        plans:                          # same shape as plans; each id is a platform plan id
+          - {id: vps-s, name: VPS S (Hoster), hourly: {rate: {EUR: "0.0090"}}}
+        campaigns: []                   # the reseller's own discounts, shaped like campaigns
+
+Accounts may also carry ``bill_to: <account>`` (its lines go on that account's invoice;
+same currency, no cycles) or ``reseller: <account>`` (a customer of a reseller with a price
+book: billed by the reseller at the book's prices, while the reseller is billed at platform
+prices for the customer's usage); not both. A billing rule's ``match`` takes ``account``,
+``subscription`` and ``meter`` (all optional: ``{}`` matches all usage); ``resource`` and
+``labels`` are refused (the store keeps usage per subscription, meter and hour, not per
+resource or label). ``to`` is optional (open-ended).
 
 Durations are ``<n>d``, ``<n>h``, ``<n>m``, ``<n>s`` or a combination in that order
 (``1h30m``). Instants are ISO 8601 with an explicit offset or ``Z`` (a naive instant is an
@@ -81,6 +108,7 @@ from rating.catalog import (
     DEFAULT_MAX_LATENESS,
     Account,
     BillingPeriod,
+    BillingRule,
     Campaign,
     Catalog,
     ChargeKind,
@@ -91,6 +119,8 @@ from rating.catalog import (
     Package,
     PeriodPolicy,
     Plan,
+    PlanChange,
+    PriceBook,
     PriceOverride,
     PricingModel,
     RecurringCharge,
@@ -123,7 +153,16 @@ _PRICE_KEY = {
     PricingModel.PACKAGE: "package.price",
 }
 
-_SECTIONS = ("meters", "plans", "accounts", "subscriptions", "resources", "campaigns")
+_SECTIONS = (
+    "meters",
+    "plans",
+    "accounts",
+    "subscriptions",
+    "resources",
+    "campaigns",
+    "billing_rules",
+    "price_books",
+)
 
 _T = TypeVar("_T")
 
@@ -488,7 +527,7 @@ class _Parser:
             sections["resources"],
             "resources",
             "id",
-            lambda v, p: self.resource(v, p, subscriptions),
+            lambda v, p: self.resource(v, p, subscriptions, plans, accounts),
         )
         campaigns = self.section(
             sections["campaigns"],
@@ -496,6 +535,19 @@ class _Parser:
             "id",
             lambda v, p: self.campaign(v, p, plans, meters, accounts),
         )
+        rules = self.section(
+            sections["billing_rules"],
+            "billing_rules",
+            "id",
+            lambda v, p: self.billing_rule(v, p, accounts, subscriptions, meters),
+        )
+        books = self.section(
+            sections["price_books"],
+            "price_books",
+            "id",
+            lambda v, p: self.price_book(v, p, accounts, plans, meters),
+        )
+        self.billing_relations(sections["accounts"], accounts, subscriptions, plans, books)
         if self.problems:
             raise CatalogError(self.problems)
         live_subscriptions = {k: v for k, v in subscriptions.items() if v is not None}
@@ -510,6 +562,8 @@ class _Parser:
             subscriptions=live_subscriptions,
             resources={k: v for k, v in resources.items() if v is not None},
             campaigns={k: v for k, v in campaigns.items() if v is not None},
+            billing_rules={k: v for k, v in rules.items() if v is not None},
+            price_books={k: v for k, v in books.items() if v is not None},
         )
 
     def section(
@@ -817,7 +871,15 @@ class _Parser:
             value,
             path,
             ("id", "name", "currency", "timezone"),
-            ("billing_period", "timezone_changes", "tax", "price_overrides", "commitment"),
+            (
+                "billing_period",
+                "timezone_changes",
+                "tax",
+                "price_overrides",
+                "commitment",
+                "bill_to",
+                "reseller",
+            ),
         )
         if a is None:
             return None
@@ -882,6 +944,17 @@ class _Parser:
             or commitment is None
         ):
             return None
+        relations = {
+            key: self.ident(a[key], _join(path, key)) if not _is_null(a.get(key)) else None
+            for key in ("bill_to", "reseller")
+        }
+        if relations["bill_to"] is not None and relations["reseller"] is not None:
+            self.problem(
+                _join(path, "reseller"),
+                "an account has either bill_to or reseller, not both (a reseller's customer "
+                "is billed by the reseller)",
+            )
+            return None
         return Account(
             ident,
             name,
@@ -892,6 +965,8 @@ class _Parser:
             tax,
             overrides,
             commitment,
+            relations["bill_to"],
+            relations["reseller"],
         )
 
     def timezone(self, value: object, path: str) -> str | None:
@@ -1208,6 +1283,246 @@ class _Parser:
             first_periods,
         )
 
+    def billing_rule(
+        self,
+        value: object,
+        path: str,
+        accounts: Mapping[str, Account | None],
+        subscriptions: Mapping[str, Subscription | None],
+        meters: Mapping[str, Meter | None],
+    ) -> BillingRule | None:
+        m = self.mapping(value, path, ("id", "from", "match", "reason"), ("to",))
+        if m is None:
+            return None
+        ident = self.ident(m["id"], _join(path, "id")) if "id" in m else None
+        reason = self.string(m["reason"], _join(path, "reason")) if "reason" in m else None
+        start = self.instant(m["from"], _join(path, "from")) if "from" in m else None
+        end = self.optional_instant(m.get("to"), _join(path, "to"))
+        ok = ident is not None and reason is not None and start is not None
+        ok = ok and (end is not None or _is_null(m.get("to")))
+        if start is not None and end is not None and start >= end:
+            self.problem(_join(path, "to"), f"{end.isoformat()} is not after 'from'")
+            ok = False
+        criteria: dict[str, str | None] = {"account": None, "subscription": None, "meter": None}
+        if "match" in m:
+            mpath = _join(path, "match")
+            unsupported = ("resource", "labels")
+            match: Mapping[str, object] | None = {}
+            if not _is_null(m["match"]):
+                match = self.mapping(m["match"], mpath, (), (*criteria, *unsupported))
+                ok = ok and match is not None
+            for key in unsupported:
+                if match is not None and key in match:
+                    self.problem(
+                        _join(mpath, key),
+                        f"matching by {key} is not supported: the store keeps usage per "
+                        "(subscription, meter, hour), not per resource or label; match by "
+                        "account, subscription or meter",
+                    )
+                    ok = False
+            known: dict[str, tuple[Mapping[str, object], str]] = {
+                "account": (accounts, "account"),
+                "subscription": (subscriptions, "subscription"),
+                "meter": (meters, "meter"),
+            }
+            for key, (table, what) in known.items():
+                if match is None or _is_null(match.get(key)):
+                    continue
+                ident_value = self.ident(match[key], _join(mpath, key))
+                if self.reference(ident_value, _join(mpath, key), table, what):
+                    criteria[key] = ident_value
+                else:
+                    ok = False
+            sub = criteria["subscription"]
+            acct = criteria["account"]
+            sub_obj = subscriptions.get(sub) if sub is not None else None
+            if sub_obj is not None and acct is not None and sub_obj.account_id != acct:
+                self.problem(
+                    _join(mpath, "subscription"),
+                    f"subscription {sub!r} belongs to account {sub_obj.account_id!r}, "
+                    f"not {acct!r} (the rule could never match)",
+                )
+                ok = False
+        if not ok or ident is None or reason is None or start is None:
+            return None
+        return BillingRule(
+            ident,
+            reason,
+            start,
+            end,
+            criteria["account"],
+            criteria["subscription"],
+            criteria["meter"],
+        )
+
+    def price_book(
+        self,
+        value: object,
+        path: str,
+        accounts: Mapping[str, Account | None],
+        plans: Mapping[str, Plan | None],
+        meters: Mapping[str, Meter | None],
+    ) -> PriceBook | None:
+        m = self.mapping(value, path, ("id", "reseller", "plans"), ("campaigns",))
+        if m is None:
+            return None
+        ident = self.ident(m["id"], _join(path, "id")) if "id" in m else None
+        reseller = self.ident(m["reseller"], _join(path, "reseller")) if "reseller" in m else None
+        ok = self.reference(reseller, _join(path, "reseller"), accounts, "account")
+        book: dict[str, Plan] = {}
+        ppath = _join(path, "plans")
+        entries = self.items(m.get("plans"), ppath)
+        if not entries and "plans" in m:
+            self.problem(ppath, "a price book prices at least one plan")
+            ok = False
+        for i, entry in enumerate(entries):
+            epath = f"{ppath}[{i}]"
+            plan = self.plan(entry, epath, meters)
+            if plan is None:
+                ok = False
+                continue
+            if not self.reference(plan.id, _join(epath, "id"), plans, "platform plan"):
+                ok = False
+            elif plan.id in book:
+                self.problem(_join(epath, "id"), f"plan {plan.id!r} is priced twice in the book")
+                ok = False
+            else:
+                book[plan.id] = plan
+        campaigns = self.section(
+            self.items(m.get("campaigns"), _join(path, "campaigns")),
+            _join(path, "campaigns"),
+            "id",
+            lambda v, p: self.campaign(v, p, plans, meters, accounts),
+        )
+        if any(c is None for c in campaigns.values()):
+            ok = False
+        if not ok or ident is None or reseller is None:
+            return None
+        live = {k: c for k, c in campaigns.items() if c is not None}
+        return PriceBook(ident, reseller, book, live)
+
+    def billing_relations(
+        self,
+        entries: list[object],
+        accounts: Mapping[str, Account | None],
+        subscriptions: Mapping[str, Subscription | None],
+        plans: Mapping[str, Plan | None],
+        books: Mapping[str, PriceBook | None],
+    ) -> None:
+        """bill_to and reseller across accounts (BILLING-SEMANTICS §9): known accounts, the
+        same currency as the payer, no cycles; a reseller's customer is priced in its book."""
+        paths = {
+            entry["id"]: f"accounts[{i}]"
+            for i, entry in enumerate(entries)
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+        }
+        book_of: dict[str, PriceBook] = {}
+        for book in books.values():
+            if book is None:
+                continue
+            if book.reseller_id in book_of:
+                self.problem(
+                    "price_books",
+                    f"account {book.reseller_id!r} has two price books "
+                    f"({book_of[book.reseller_id].id!r}, {book.id!r}); one per reseller",
+                )
+            book_of[book.reseller_id] = book
+        live = {k: v for k, v in accounts.items() if v is not None}
+        for account_id, account in sorted(live.items()):
+            path = paths.get(account_id, "accounts")
+            if account.bill_to is not None:
+                self.bill_to_problems(account, path, live)
+            if account.reseller is not None:
+                self.reseller_problems(
+                    account,
+                    path=path,
+                    live=live,
+                    subscriptions=subscriptions,
+                    plans=plans,
+                    book_of=book_of,
+                )
+
+    def bill_to_problems(self, account: Account, path: str, live: Mapping[str, Account]) -> None:
+        bpath = _join(path, "bill_to")
+        payer = live.get(account.bill_to or "")
+        if payer is None:
+            self.reference(account.bill_to, bpath, live, "account")
+            return
+        if payer.currency != account.currency:
+            self.problem(
+                bpath,
+                f"account {account.id!r} is billed in {account.currency} but its payer "
+                f"{payer.id!r} in {payer.currency} (bill_to needs the same currency)",
+            )
+        if payer.reseller is not None:
+            self.problem(
+                bpath, f"payer {payer.id!r} is a reseller's customer; it cannot pay for others"
+            )
+        chain = [account.id]
+        current: Account | None = payer
+        while current is not None:
+            if current.id in chain:
+                cycle = " -> ".join([*chain[chain.index(current.id) :], current.id])
+                self.problem(bpath, f"account {account.id!r}: bill_to forms a cycle ({cycle})")
+                return
+            chain.append(current.id)
+            current = live.get(current.bill_to) if current.bill_to is not None else None
+
+    def reseller_problems(
+        self,
+        account: Account,
+        *,
+        path: str,
+        live: Mapping[str, Account],
+        subscriptions: Mapping[str, Subscription | None],
+        plans: Mapping[str, Plan | None],
+        book_of: Mapping[str, PriceBook],
+    ) -> None:
+        rpath = _join(path, "reseller")
+        reseller = live.get(account.reseller or "")
+        if reseller is None:
+            self.reference(account.reseller, rpath, live, "account")
+            return
+        if reseller.reseller is not None or reseller.bill_to is not None:
+            self.problem(
+                rpath,
+                f"reseller {reseller.id!r} is itself a reseller's customer or billed to "
+                "another account (one level of reselling)",
+            )
+            return
+        book = book_of.get(reseller.id)
+        if book is None:
+            self.problem(rpath, f"reseller {reseller.id!r} has no price book (price_books)")
+            return
+        for sub_id, subscription in sorted(subscriptions.items()):
+            if subscription is None or subscription.account_id != account.id:
+                continue
+            for plan_id in subscription.plan_ids():
+                own = book.plans.get(plan_id)
+                if own is None:
+                    self.problem(
+                        rpath,
+                        f"subscription {sub_id!r} is on plan {plan_id!r}, which price book "
+                        f"{book.id!r} of reseller {reseller.id!r} does not price",
+                    )
+                    continue
+                for charge in _unpriced_charges(own, account.currency):
+                    self.problem(
+                        rpath,
+                        f"price book {book.id!r}: plan {plan_id!r} has no {account.currency} "
+                        f"price for {charge} (subscription {sub_id!r})",
+                    )
+                platform = plans.get(plan_id)
+                if platform is None:
+                    continue
+                for charge in _unpriced_charges(platform, reseller.currency):
+                    self.problem(
+                        rpath,
+                        f"plan {plan_id!r} has no {reseller.currency} price for {charge} "
+                        f"(reseller {reseller.id!r} is billed for subscription {sub_id!r} "
+                        f"in {reseller.currency})",
+                    )
+
     def subscription(
         self,
         value: object,
@@ -1215,7 +1530,7 @@ class _Parser:
         plans: Mapping[str, Plan | None],
         accounts: Mapping[str, Account | None],
     ) -> Subscription | None:
-        s = self.mapping(value, path, ("id", "account", "plan", "start"), ("end",))
+        s = self.mapping(value, path, ("id", "account", "plan", "start"), ("end", "plan_changes"))
         if s is None:
             return None
         ident = self.ident(s["id"], _join(path, "id")) if "id" in s else None
@@ -1241,14 +1556,102 @@ class _Parser:
                         f"plan {plan.id!r} has no {account.currency} price for {charge} "
                         f"(account {account.id!r} is billed in {account.currency})",
                     )
-        if not (ok and account_ok and plan_ok) or ident is None or start is None:
+        account = accounts[account_id] if account_ok and account_id is not None else None
+        changes = self.plan_changes(
+            s.get("plan_changes"), path, plan_id=plan_id, start=start, end=end, plans=plans
+        )
+        changes_ok = changes is not None and (
+            account is None or self.changes_priced(changes, path, plans, account)
+        )
+        if not (ok and account_ok and plan_ok and changes_ok) or ident is None or start is None:
             return None
         assert account_id is not None
         assert plan_id is not None
-        return Subscription(ident, account_id, plan_id, start, end)
+        assert changes is not None
+        return Subscription(ident, account_id, plan_id, start, end, changes)
+
+    def plan_changes(
+        self,
+        value: object,
+        path: str,
+        *,
+        plan_id: str | None,
+        start: datetime | None,
+        end: datetime | None,
+        plans: Mapping[str, Plan | None],
+    ) -> tuple[PlanChange, ...] | None:
+        """``plan_changes: [{at, plan}]``: strictly after the start, before the end, in
+        increasing order, each to a known plan other than the one it replaces (so the plan
+        segments tile the subscription without overlaps or empty segments)."""
+        changes: list[PlanChange] = []
+        ok = True
+        previous_at, previous_plan = start, plan_id
+        for i, entry in enumerate(self.items(value, _join(path, "plan_changes"))):
+            cpath = f"{_join(path, 'plan_changes')}[{i}]"
+            c = self.mapping(entry, cpath, ("at", "plan"))
+            if c is None:
+                ok = False
+                continue
+            at = self.instant(c["at"], _join(cpath, "at")) if "at" in c else None
+            target = self.ident(c["plan"], _join(cpath, "plan")) if "plan" in c else None
+            if not self.reference(target, _join(cpath, "plan"), plans, "plan"):
+                ok = False
+            if at is None or target is None:
+                ok = False
+                continue
+            if previous_at is not None and at <= previous_at:
+                what = "the subscription start" if i == 0 else f"plan_changes[{i - 1}].at"
+                self.problem(
+                    _join(cpath, "at"),
+                    f"{at.isoformat()} is not after {what} ({previous_at.isoformat()}): plan "
+                    "changes are in increasing order inside the subscription (plan segments "
+                    "must not overlap)",
+                )
+                ok = False
+            if end is not None and at >= end:
+                self.problem(
+                    _join(cpath, "at"),
+                    f"{at.isoformat()} is not before the subscription end {end.isoformat()}",
+                )
+                ok = False
+            if target == previous_plan:
+                self.problem(
+                    _join(cpath, "plan"),
+                    f"plan {target!r} is already in effect (a change must change the plan)",
+                )
+                ok = False
+            changes.append(PlanChange(at, target))
+            previous_at, previous_plan = max(at, previous_at or at), target
+        return tuple(changes) if ok else None
+
+    def changes_priced(
+        self,
+        changes: tuple[PlanChange, ...],
+        path: str,
+        plans: Mapping[str, Plan | None],
+        account: Account,
+    ) -> bool:
+        ok = True
+        for i, change in enumerate(changes):
+            plan = plans.get(change.plan_id)
+            if plan is None:
+                continue
+            for charge in _unpriced_charges(plan, account.currency):
+                self.problem(
+                    f"{_join(path, 'plan_changes')}[{i}].plan",
+                    f"plan {plan.id!r} has no {account.currency} price for {charge} "
+                    f"(account {account.id!r} is billed in {account.currency})",
+                )
+                ok = False
+        return ok
 
     def resource(
-        self, value: object, path: str, subscriptions: Mapping[str, Subscription | None]
+        self,
+        value: object,
+        path: str,
+        subscriptions: Mapping[str, Subscription | None],
+        plans: Mapping[str, Plan | None] | None = None,
+        accounts: Mapping[str, Account | None] | None = None,
     ) -> Resource | None:
         r = self.mapping(value, path, ("id", "subscription", "kind"), ("spans",))
         if r is None:
@@ -1265,13 +1668,21 @@ class _Parser:
         ok = True
         for i, entry in enumerate(self.items(r.get("spans"), _join(path, "spans"))):
             spath = f"{_join(path, 'spans')}[{i}]"
-            sp = self.mapping(entry, spath, ("start",), ("end",))
+            sp = self.mapping(entry, spath, ("start",), ("end", "subscription", "plan"))
             if sp is None:
                 ok = False
                 continue
             start = self.instant(sp["start"], _join(spath, "start")) if "start" in sp else None
             end = self.optional_instant(sp.get("end"), _join(spath, "end"))
-            if start is None or (end is None and not _is_null(sp.get("end"))):
+            owner = self.span_owner(
+                sp,
+                spath,
+                sub_id if sub_ok else None,
+                subscriptions=subscriptions,
+                plans=plans or {},
+                accounts=accounts,
+            )
+            if start is None or (end is None and not _is_null(sp.get("end"))) or owner is None:
                 ok = False
                 continue
             if end is not None and start >= end:
@@ -1281,7 +1692,7 @@ class _Parser:
                 )
                 ok = False
                 continue
-            spans.append((spath, Span(start, end)))
+            spans.append((spath, Span(start, end, *owner)))
         ordered = sorted(spans, key=lambda ps: ps[1].start)
         # The span reaching furthest so far: any later-starting span that begins before
         # its end overlaps it.
@@ -1299,6 +1710,50 @@ class _Parser:
         if not ok or ident is None or sub_id is None or not sub_ok or kind is None:
             return None
         return Resource(ident, sub_id, kind, tuple(s for _, s in ordered))
+
+    def span_owner(
+        self,
+        sp: Mapping[str, object],
+        spath: str,
+        home: str | None,
+        *,
+        subscriptions: Mapping[str, Subscription | None],
+        plans: Mapping[str, Plan | None],
+        accounts: Mapping[str, Account | None] | None,
+    ) -> tuple[str | None, str | None] | None:
+        """A span's optional ``subscription`` and ``plan`` (as given; None = the default),
+        or None when invalid. The subscription must exist; the plan (given, or the default:
+        the subscription's plan at the span start) must be priced in its account's currency.
+        A span need not lie inside its subscription's life (time outside is not billed)."""
+        sub_id = (
+            self.ident(sp["subscription"], _join(spath, "subscription"))
+            if "subscription" in sp
+            else None
+        )
+        if "subscription" in sp and not self.reference(
+            sub_id, _join(spath, "subscription"), subscriptions, "subscription"
+        ):
+            return None
+        plan_id = self.ident(sp["plan"], _join(spath, "plan")) if "plan" in sp else None
+        if "plan" in sp and not self.reference(plan_id, _join(spath, "plan"), plans, "plan"):
+            return None
+        owner_id = sub_id if sub_id is not None else home
+        subscription = subscriptions.get(owner_id) if owner_id is not None else None
+        if plan_id is not None and subscription is not None and accounts is not None:
+            account = accounts.get(subscription.account_id)
+            plan = plans.get(plan_id)
+            if account is not None and plan is not None:
+                missing = _unpriced_charges(plan, account.currency)
+                for charge in missing:
+                    self.problem(
+                        _join(spath, "plan"),
+                        f"plan {plan.id!r} has no {account.currency} price for {charge} "
+                        f"(the span is on subscription {subscription.id!r} of account "
+                        f"{account.id!r}, billed in {account.currency})",
+                    )
+                if missing:
+                    return None
+        return sub_id, plan_id
 
 
 def _resolve_anchor(account: Account, subscriptions: Iterable[Subscription]) -> Account:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from rating.catalog import Catalog, MeterKind
+from rating.catalog import Catalog, MeterKind, Resource
 from rating.engine import HOUR_S, MAX_DURATION_S, MAX_END_UNIX_S
 
 # A sample as a plain tuple: agent_id, seq, resource_id, meter, start_unix_s, duration_s, value.
@@ -37,6 +37,15 @@ def reference_reason(
     return None
 
 
+def _owner(resource: Resource, unix_s: int) -> str:
+    """The subscription of the span containing the instant, else the resource's own."""
+    instant = datetime.fromtimestamp(unix_s, tz=UTC)
+    for span in resource.spans:
+        if span.start <= instant and (span.end is None or instant < span.end):
+            return resource.span_subscription(span)
+    return resource.subscription_id
+
+
 def _hour(hour_index: int) -> datetime:
     return datetime.fromtimestamp(hour_index * HOUR_S, tz=UTC)
 
@@ -55,11 +64,11 @@ def reference_rate(
         if reference_reason(sample, catalog, max_duration_s) is not None:
             continue
         _, _, resource_id, meter_name, start, duration, value = sample
-        subscription = catalog.resources[resource_id].subscription_id
+        resource = catalog.resources[resource_id]
         kind = catalog.meters[meter_name].kind
         first = start // HOUR_S
         if kind is MeterKind.COUNTER:
-            add((subscription, meter_name, _hour(first)), value, value, 1)
+            add((_owner(resource, start), meter_name, _hour(first)), value, value, 1)
             continue
         end = start + duration
         hour = first
@@ -67,6 +76,7 @@ def reference_rate(
             hour_start, hour_end = hour * HOUR_S, (hour + 1) * HOUR_S
             overlap = min(end, hour_end) - max(start, hour_start)
             quantity = value * overlap if kind is MeterKind.GAUGE else 0
+            subscription = _owner(resource, max(start, hour_start))
             add((subscription, meter_name, _hour(hour)), quantity, value, int(hour == first))
             hour += 1
             if hour * HOUR_S >= end:

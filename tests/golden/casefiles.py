@@ -27,9 +27,11 @@ import polars as pl
 import yaml
 
 from aggregation.ports import LEDGER_SCHEMA, PARTIALS_SCHEMA, Store, UsageTotal
-from invoicer.close import rate_account_period
+from invoicer.close import rate_invoice
+from invoicer.consolidation import BillingGraph
 from invoicer.invoice import Invoice
 from invoicer.periods import Period, account_period, parse_period_label
+from invoicer.rules import usage_with_rules
 from rating.catalog import Catalog
 from rating.catalog_file import load_catalog_file
 
@@ -131,11 +133,47 @@ def usage_totals(rows: Sequence[UsageRow], period: Period) -> list[UsageTotal]:
     return [UsageTotal(s, m, q, qmax, n) for (s, m), (q, qmax, n) in sorted(sums.items())]
 
 
+def window_totals(
+    rows: Sequence[UsageRow], start: datetime, end: datetime, subscription_ids: Sequence[str]
+) -> list[UsageTotal]:
+    """``Store.usage_totals(start, end, subscription_ids)`` over the case's rows."""
+    wanted = set(subscription_ids)
+    sums: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        if row.subscription_id not in wanted or not start <= row.hour_start < end:
+            continue
+        acc = sums.setdefault((row.subscription_id, row.meter), [0, 0, 0])
+        acc[0] += row.quantity
+        acc[1] = max(acc[1], row.quantity_max)
+        acc[2] += row.sample_count
+    return [UsageTotal(s, m, q, qmax, n) for (s, m), (q, qmax, n) in sorted(sums.items())]
+
+
 def rate_case(case: GoldenCase) -> Invoice:
+    """The case's invoice through the pure core, billing rules (§8) included."""
     period = case.period
-    return rate_account_period(
-        case.catalog, case.account_id, period, usage_totals(case.usage, period)
+
+    def fetch(start: datetime, end: datetime, ids: Sequence[str]) -> list[UsageTotal]:
+        return window_totals(case.usage, start, end, ids)
+
+    ruled = usage_with_rules(
+        case.catalog, period.start, period.end, usage_totals(case.usage, period), fetch
     )
+
+    def segment_usage(start: datetime, end: datetime, ids: Sequence[str]) -> list[UsageTotal]:
+        return usage_with_rules(case.catalog, start, end, fetch(start, end, ids), fetch).totals
+
+    invoice = rate_invoice(
+        BillingGraph.of(case.catalog),  # bill-to and resellers (§9)
+        case.account_id,
+        period,
+        ruled.totals,
+        exclusions=ruled.exclusions,
+        segment_usage=segment_usage,
+    )
+    if invoice is None:
+        raise ValueError(f"{case.name}: {case.account_id}'s lines are on its payer's invoice")
+    return invoice
 
 
 def write_usage(store: Store, rows: Sequence[UsageRow], rated_at: datetime) -> None:

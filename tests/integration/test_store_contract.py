@@ -22,6 +22,8 @@ from aggregation import migrations
 from aggregation.factory import open_store
 from aggregation.pg_store import PgStore
 from aggregation.ports import (
+    BATCH_KEY_SCHEMA,
+    CHANGED_SCHEMA,
     HOURLY_SCHEMA,
     LEDGER_SCHEMA,
     PARTIALS_SCHEMA,
@@ -29,6 +31,7 @@ from aggregation.ports import (
     AgentToken,
     ConsumedOffset,
     IssuedInvoiceError,
+    ReplaceConflictError,
     Store,
     StoredInvoice,
     UsageTotal,
@@ -357,6 +360,57 @@ def test_a_failure_inside_write_rated_changes_nothing(store: Store) -> None:
         RATED_AT,
     )
     assert outcome == WriteOutcome(new_batches=1, duplicate_batches=0, hourly_rows=1)
+
+
+def test_an_hour_row_summed_within_one_call_past_38_digits_is_refused(store: Store) -> None:
+    # Two new batches of one call add to the same hour row: their sum alone exceeds
+    # numeric(38,0). The store must refuse it (not wrap it), and write nothing.
+    big = MAX_QUANTITY // 2 + 1
+    with pytest.raises(Exception, match=r"(?i)overflow"):
+        store.write_rated(
+            ledger(("agent-1", 1), ("agent-2", 1)),
+            partials(
+                ("agent-1", 1, "sub-1", "cpu", 0, big, big, 1),
+                ("agent-2", 1, "sub-1", "cpu", 0, big, big, 1),
+            ),
+            [ConsumedOffset(GROUP, TOPIC, 0, 2)],
+            RATED_AT,
+        )
+    assert _snapshot(store) == (0, [], {})
+
+
+def test_partials_of_many_batches_sum_per_hour_row_and_each_batch_is_a_source(
+    store: Store,
+) -> None:
+    # Batches of one call (one of them already counted) share hour rows: the new ones are
+    # summed per row, and each new batch is recorded as a source of its hours.
+    store.write_rated(
+        ledger(("agent-1", 1)), partials(("agent-1", 1, "sub-1", "cpu", 0, 7, 7, 1)), [], RATED_AT
+    )
+    outcome = store.write_rated(
+        ledger(("agent-1", 1), ("agent-1", 2), ("agent-2", 1)),
+        partials(
+            ("agent-1", 1, "sub-1", "cpu", 0, 7, 7, 1),
+            ("agent-1", 2, "sub-1", "cpu", 0, 3, 2, 2),
+            ("agent-1", 2, "sub-1", "cpu", 1, 4, 4, 1),
+            ("agent-2", 1, "sub-1", "cpu", 0, 5, 9, 3),
+            ("agent-2", 1, "sub-2", "net", 0, 6, 6, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+    assert outcome == WriteOutcome(new_batches=2, duplicate_batches=1, hourly_rows=3)
+    assert hourly(store) == [
+        ("sub-1", "cpu", hour(0), 15, 9, 6),
+        ("sub-1", "cpu", hour(1), 4, 4, 1),
+        ("sub-2", "net", hour(0), 6, 6, 1),
+    ]
+    sources = store.usage_batches("sub-1", "cpu", hour(0), hour(2))
+    assert sorted(sources.select("agent_id", "seq").rows()) == [
+        ("agent-1", 1),
+        ("agent-1", 2),
+        ("agent-2", 1),
+    ]
 
 
 def _null_subscription() -> pl.DataFrame:
@@ -871,3 +925,129 @@ def test_pg_migration_4_moves_existing_usage_into_month_partitions(pg_url: str) 
             "WHERE indrelid = 'usage_hourly'::regclass ORDER BY 1"
         ).fetchall()
         assert indexes == [("usage_hourly_hour_start_idx",), ("usage_hourly_pkey",)]
+
+
+# -- re-rating and late usage (issue 3, items 4 and 7) ----------------------------------------
+
+
+def test_usage_changed_since_lists_the_hours_touched_after_an_instant(store: Store) -> None:
+    later = RATED_AT + timedelta(days=3)
+    store.write_rated(ledger(("a", 1)), partials(("a", 1, "s1", "m", 0, 5, 5, 1)), [], RATED_AT)
+    store.write_rated(
+        ledger(("a", 2)),
+        partials(("a", 2, "s1", "m", 0, 1, 1, 1), ("a", 2, "s2", "m", 3, 7, 7, 1)),
+        [],
+        later,
+    )
+    # A duplicate delivered even later touches nothing.
+    store.write_rated(
+        ledger(("a", 1)), partials(("a", 1, "s1", "m", 0, 5, 5, 1)), [], later + timedelta(1)
+    )
+
+    changed = store.usage_changed_since(RATED_AT)
+
+    assert changed.schema == pl.Schema(CHANGED_SCHEMA)
+    assert changed.rows() == [("s1", "m", hour(0), later), ("s2", "m", hour(3), later)]
+    assert store.usage_changed_since(later).is_empty()
+    assert store.usage_changed_since(RATED_AT - timedelta(seconds=1)).height == 2
+    with pytest.raises(ValueError, match="naive"):
+        store.usage_changed_since(datetime(2026, 10, 1))  # noqa: DTZ001
+
+
+def _batches(*keys: tuple[str, int]) -> pl.DataFrame:
+    return pl.DataFrame(list(keys), schema=BATCH_KEY_SCHEMA, orient="row")
+
+
+@pytest.fixture
+def rated_twice(store: Store) -> Store:
+    """Batches (a, 1) and (a, 2) counted into hours 0..2 of s1 (and hour 5, outside the
+    re-rated range)."""
+    store.write_rated(
+        ledger(("a", 1), ("a", 2)),
+        partials(
+            ("a", 1, "s1", "m", 0, 10, 10, 1),
+            ("a", 1, "s1", "m", 1, 20, 20, 1),
+            ("a", 2, "s1", "m", 1, 5, 5, 1),
+            ("a", 2, "s1", "m", 2, 6, 6, 1),
+            ("a", 2, "s1", "m", 5, 9, 9, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+    return store
+
+
+def test_replace_hourly_replaces_the_hours_and_keeps_the_ledger(rated_twice: Store) -> None:
+    store = rated_twice
+    applied_at = RATED_AT + timedelta(days=1)
+    # The re-rating: (a, 1)'s hour 1 moved to s2; hour 2 of (a, 2) unchanged; hour 0 the same.
+    new = partials(
+        ("a", 1, "s1", "m", 0, 10, 10, 1),
+        ("a", 1, "s2", "m", 1, 20, 20, 1),
+        ("a", 2, "s1", "m", 1, 5, 5, 1),
+        ("a", 2, "s1", "m", 2, 6, 6, 1),
+    )
+
+    changed = store.replace_hourly(hour(0), hour(3), new, _batches(("a", 1), ("a", 2)), applied_at)
+
+    assert changed == 2  # s1 hour 1 updated (25 -> 5), s2 hour 1 inserted
+    assert hourly(store) == [
+        ("s1", "m", hour(0), 10, 10, 1),
+        ("s1", "m", hour(1), 5, 5, 1),
+        ("s1", "m", hour(2), 6, 6, 1),
+        ("s1", "m", hour(5), 9, 9, 1),
+        ("s2", "m", hour(1), 20, 20, 1),
+    ]
+    assert store.usage_changed_since(RATED_AT).select("subscription_id", "hour_start").rows() == [
+        ("s1", hour(1)),
+        ("s2", hour(1)),
+    ]
+    assert store.ledger_count() == 2
+    assert store.usage_batches("s2", "m", *EVER)["seq"].to_list() == [1]
+    assert store.usage_batches("s1", "m", hour(1), hour(2))["seq"].to_list() == [2]
+    # A batch redelivered after the re-rating is still a duplicate: nothing changes.
+    again = store.write_rated(
+        ledger(("a", 1)), partials(("a", 1, "s1", "m", 1, 20, 20, 1)), [], applied_at
+    )
+    assert (again.new_batches, again.duplicate_batches) == (0, 1)
+    assert ("s1", "m", hour(1), 5, 5, 1) in hourly(store)
+    # The same re-rating again changes nothing; an empty one deletes the range.
+    assert (
+        store.replace_hourly(hour(0), hour(3), new, _batches(("a", 1), ("a", 2)), applied_at) == 0
+    )
+    assert store.replace_hourly(hour(0), hour(1), partials(), _batches(("a", 1)), applied_at) == 1
+    assert hourly(store)[0][:3] == ("s1", "m", hour(1))
+
+
+def test_replace_hourly_refuses_a_re_rating_that_misses_or_adds_batches(
+    rated_twice: Store,
+) -> None:
+    store = rated_twice
+    before = hourly(store)
+    only_first = partials(("a", 1, "s1", "m", 0, 99, 99, 1))
+    with pytest.raises(ReplaceConflictError, match=r"1 batch\(es\) counted .*\('a', 2\)"):
+        store.replace_hourly(hour(0), hour(3), only_first, _batches(("a", 1)), RATED_AT)
+    with pytest.raises(ReplaceConflictError, match=r"not counted yet.*\('b', 7\)"):
+        store.replace_hourly(
+            hour(0), hour(3), only_first, _batches(("a", 1), ("a", 2), ("b", 7)), RATED_AT
+        )
+    assert hourly(store) == before
+    assert store.usage_changed_since(RATED_AT).is_empty()
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "rows", "message"),
+    [
+        (hour(0), hour(1), [("a", 1, "s1", "m", 1, 1, 1, 1)], "not a whole hour of"),
+        (hour(0) + timedelta(minutes=1), hour(2), [], "not on a whole UTC hour"),
+        (hour(2), hour(2), [], "empty range"),
+        (hour(0), hour(2), [("z", 1, "s1", "m", 1, 1, 1, 1)], "missing from the batches"),
+    ],
+)
+def test_replace_hourly_refuses_bad_input(
+    rated_twice: Store, start: datetime, end: datetime, rows: list[Part], message: str
+) -> None:
+    before = hourly(rated_twice)
+    with pytest.raises(ValueError, match=message):
+        rated_twice.replace_hourly(start, end, partials(*rows), _batches(("a", 1)), RATED_AT)
+    assert hourly(rated_twice) == before

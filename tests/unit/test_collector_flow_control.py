@@ -232,7 +232,9 @@ def test_shutdown_acks_the_batches_in_flight_then_ends_open_streams_unavailable(
     assert acks == [1, 2]  # what was read before the stop was confirmed and acked
     assert ended.code() is grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in (ended.details() or "")
-    assert refused.code() is grpc.StatusCode.UNAVAILABLE
+    # Refused either by our handler (UNAVAILABLE) or, when the call races the stop, by gRPC
+    # itself (CANCELLED); agents retry both, and the late batch never reached the sink.
+    assert refused.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
     assert sorted(key for _, key in sink.sent) == [b"a-1", b"a-1"]
 
 

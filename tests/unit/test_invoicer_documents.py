@@ -13,9 +13,12 @@ from invoicer.documents import (
     invoices_to_text,
     to_stored_invoice,
 )
+from invoicer.invoice import Invoice
 from invoicer.periods import calendar_month
+from invoicer.taxes import REVERSE_CHARGE_NOTE
 from rating.catalog import Subscription
 from tests.golden.builders import ACME, EGRESS, backup, catalog, server, utc, vps_s
+from tests.golden.casefiles import load_case, rate_case
 
 OCTOBER = calendar_month(2026, 10, "Europe/Berlin")
 CATALOG = catalog(
@@ -81,8 +84,14 @@ def test_a_line_carries_what_section_11_asks_for() -> None:
         "currency": "EUR",
         "usage_quantity": None,
         "included_quantity": None,
+        "excluded_quantity": None,
         "cap": None,
+        "tier": None,
+        "applies_to": None,
+        "tax_rate": None,
+        "jurisdiction": None,
         "refs": {
+            "account_id": None,
             "subscription_id": "acme-vps",
             "plan_id": "vps-s",
             "meter": None,
@@ -112,3 +121,37 @@ def test_the_text_summary_lists_every_line_and_the_total() -> None:
 
 def test_the_text_summary_of_nothing_says_so() -> None:
     assert invoices_to_text([]) == "No invoices."
+
+
+def _golden(name: str) -> Invoice:
+    return rate_case(load_case(name))
+
+
+def test_tier_tax_rate_jurisdiction_applies_to_and_notes_are_rendered() -> None:
+    tiered = json.loads(invoice_to_json(_golden("u1-graduated")))
+    assert [line["tier"] for line in tiered["lines"]] == [1, 2]
+    taxed = json.loads(invoice_to_json(_golden("t-tax-line-level")))
+    tax = [line for line in taxed["lines"] if line["kind"] == "tax"]
+    assert tax
+    assert all(line["applies_to"] and line["tax_rate"] for line in tax)
+    assert taxed["tax_minor"] == sum(line["amount_minor"] for line in tax)
+    reverse = _golden("t-reverse-charge-with-discount")
+    document = json.loads(invoice_to_json(reverse))
+    assert document["notes"] == [REVERSE_CHARGE_NOTE]
+    discount = next(line for line in document["lines"] if line["kind"] == "discount")
+    assert discount["applies_to"] == "fr-sarl/2026-10-26/fr-backup/recurring"
+
+
+def test_the_text_lists_tax_after_the_subtotal_and_prints_the_notes() -> None:
+    rows = invoices_to_text([_golden("t-reverse-charge-with-discount")]).splitlines()
+    subtotal = next(i for i, row in enumerate(rows) if row.split()[:1] == ["Subtotal"])
+    tax = next(i for i, row in enumerate(rows) if row.strip().startswith("tax"))
+    total = next(i for i, row in enumerate(rows) if row.split()[:1] == ["Total"])
+    assert subtotal < tax < total
+    assert rows[subtotal].split()[-1] == "10.50"
+    assert rows[-1] == f"  Note: {REVERSE_CHARGE_NOTE}"
+    assert "0 % on 10.50 EUR" in rows[tax + 1]
+    assert "on fr-sarl/2026-10-26/fr-backup/recurring" in "\n".join(rows)
+    tiers = invoices_to_text([_golden("u1-graduated")])
+    assert "; tier 1" in tiers
+    assert "; tier 2" in tiers

@@ -18,6 +18,7 @@ from invoicer.documents import to_stored_invoice
 from invoicer.exports import CSV_COLUMNS, parse_document, to_csv, to_html
 from invoicer.issue import IssueError, invoice_number, render_issued, series_for
 from invoicer.periods import calendar_month
+from invoicer.taxes import REVERSE_CHARGE_NOTE
 from rating.catalog_file import read_catalog_file
 
 CATALOG = read_catalog_file(Path(__file__).parents[1] / "e2e" / "catalog.yaml").catalog
@@ -143,3 +144,37 @@ def test_adjustment_keys() -> None:
     assert is_adjustment_key("acme/2026-10-01/adj-2")
     assert not is_adjustment_key("acme/2026-10-01")
     assert base_key("acme/2026-10-01/adj-2") == "acme/2026-10-01"
+
+
+def _golden_document(name: str) -> dict[str, Any]:
+    from invoicer.documents import invoice_to_json
+    from tests.golden.casefiles import load_case, rate_case
+
+    return dict(json.loads(invoice_to_json(rate_case(load_case(name)))))
+
+
+def test_csv_carries_tier_tax_rate_jurisdiction_applies_to_and_notes() -> None:
+    rows = list(csv.DictReader(io.StringIO(to_csv(_golden_document("t-tax-per-rate")), newline="")))
+    tax = [r for r in rows if r["kind"] == "tax"]
+    assert tax
+    assert all(r["tax_rate"] and r["jurisdiction"] for r in tax)
+    reverse = list(
+        csv.DictReader(
+            io.StringIO(to_csv(_golden_document("t-reverse-charge-with-discount")), newline="")
+        )
+    )
+    assert {r["invoice_notes"] for r in reverse} == {REVERSE_CHARGE_NOTE}
+    discount = next(r for r in reverse if r["kind"] == "discount")
+    assert discount["applies_to"] == "fr-sarl/2026-10-26/fr-backup/recurring"
+    tiers = list(csv.DictReader(io.StringIO(to_csv(_golden_document("u1-graduated")), newline="")))
+    assert [r["tier"] for r in tiers] == ["1", "2"]
+
+
+def test_html_shows_tax_below_the_subtotal_with_rate_and_the_reverse_charge_note() -> None:
+    page = to_html(_golden_document("t-reverse-charge-with-discount"))
+    assert page.index(">Subtotal<") < page.index("Tax 0 %") < page.index(">Total<")
+    assert f"<p class='note'>{REVERSE_CHARGE_NOTE}</p>" in page
+    assert "applies to fr-sarl/2026-10-26/fr-backup/recurring" in page
+    per_rate = to_html(_golden_document("t-tax-per-rate"))
+    assert "Tax 19 % DE" in per_rate
+    assert "tier 2" in to_html(_golden_document("u1-graduated"))

@@ -22,24 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from meterline_proto.usage.v1 import lifecycle_pb2 as meterline_dot_usage_dot_v1_dot_lifecycle__pb2
 from meterline_proto.usage.v1 import samples_pb2 as meterline_dot_usage_dot_v1_dot_samples__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeterline/agent/v1/agent.proto\x12\x12meterline.agent.v1\x1a meterline/usage/v1/samples.proto\"y\n\x0bSampleBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x17\n\x0fsent_at_unix_ms\x18\x03 \x01(\x03\x12\x32\n\x07samples\x18\x04 \x01(\x0b\x32!.meterline.usage.v1.SampleColumns\"n\n\tRejection\x12\x14\n\x0csample_index\x18\x01 \x01(\r\x12,\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x1e.meterline.agent.v1.RejectCode\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"t\n\x08\x42\x61tchAck\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\r\x12\x31\n\nrejections\x18\x04 \x03(\x0b\x32\x1d.meterline.agent.v1.Rejection*\xea\x01\n\nRejectCode\x12\x1b\n\x17REJECT_CODE_UNSPECIFIED\x10\x00\x12\x11\n\rUNKNOWN_METER\x10\x01\x12\x14\n\x10UNKNOWN_RESOURCE\x10\x02\x12\x15\n\x11NEGATIVE_QUANTITY\x10\x03\x12\x15\n\x11QUANTITY_OVERFLOW\x10\x04\x12\x1a\n\x16TIMESTAMP_OUT_OF_RANGE\x10\x05\x12\x19\n\x15INTERVAL_OUT_OF_RANGE\x10\x06\x12\x16\n\x12\x46ORBIDDEN_RESOURCE\x10\x07\x12\x19\n\x15MALFORMED_RESOURCE_ID\x10\x08\x32\xb1\x01\n\rIngestService\x12R\n\rStreamBatches\x12\x1f.meterline.agent.v1.SampleBatch\x1a\x1c.meterline.agent.v1.BatchAck(\x01\x30\x01\x12L\n\x0bSubmitBatch\x12\x1f.meterline.agent.v1.SampleBatch\x1a\x1c.meterline.agent.v1.BatchAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeterline/agent/v1/agent.proto\x12\x12meterline.agent.v1\x1a\"meterline/usage/v1/lifecycle.proto\x1a meterline/usage/v1/samples.proto\"y\n\x0bSampleBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x17\n\x0fsent_at_unix_ms\x18\x03 \x01(\x03\x12\x32\n\x07samples\x18\x04 \x01(\x0b\x32!.meterline.usage.v1.SampleColumns\"n\n\tRejection\x12\x14\n\x0csample_index\x18\x01 \x01(\r\x12,\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x1e.meterline.agent.v1.RejectCode\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"t\n\x08\x42\x61tchAck\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\r\x12\x31\n\nrejections\x18\x04 \x03(\x0b\x32\x1d.meterline.agent.v1.Rejection\"o\n\x0eLifecycleBatch\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x17\n\x0fsent_at_unix_ms\x18\x02 \x01(\x03\x12\x32\n\x06\x65vents\x18\x03 \x03(\x0b\x32\".meterline.usage.v1.LifecycleEvent\"v\n\x12LifecycleRejection\x12\x13\n\x0b\x65vent_index\x18\x01 \x01(\r\x12,\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x1e.meterline.agent.v1.RejectCode\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"t\n\x0cLifecycleAck\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\r\x12:\n\nrejections\x18\x03 \x03(\x0b\x32&.meterline.agent.v1.LifecycleRejection*\xab\x02\n\nRejectCode\x12\x1b\n\x17REJECT_CODE_UNSPECIFIED\x10\x00\x12\x11\n\rUNKNOWN_METER\x10\x01\x12\x14\n\x10UNKNOWN_RESOURCE\x10\x02\x12\x15\n\x11NEGATIVE_QUANTITY\x10\x03\x12\x15\n\x11QUANTITY_OVERFLOW\x10\x04\x12\x1a\n\x16TIMESTAMP_OUT_OF_RANGE\x10\x05\x12\x19\n\x15INTERVAL_OUT_OF_RANGE\x10\x06\x12\x16\n\x12\x46ORBIDDEN_RESOURCE\x10\x07\x12\x19\n\x15MALFORMED_RESOURCE_ID\x10\x08\x12\x10\n\x0cUNKNOWN_PLAN\x10\t\x12\x18\n\x14UNKNOWN_SUBSCRIPTION\x10\n\x12\x13\n\x0fMALFORMED_EVENT\x10\x0b\x32\x8e\x02\n\rIngestService\x12R\n\rStreamBatches\x12\x1f.meterline.agent.v1.SampleBatch\x1a\x1c.meterline.agent.v1.BatchAck(\x01\x30\x01\x12L\n\x0bSubmitBatch\x12\x1f.meterline.agent.v1.SampleBatch\x1a\x1c.meterline.agent.v1.BatchAck\x12[\n\x13SendLifecycleEvents\x12\".meterline.agent.v1.LifecycleBatch\x1a .meterline.agent.v1.LifecycleAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meterline.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTCODE']._serialized_start=442
-  _globals['_REJECTCODE']._serialized_end=676
-  _globals['_SAMPLEBATCH']._serialized_start=88
-  _globals['_SAMPLEBATCH']._serialized_end=209
-  _globals['_REJECTION']._serialized_start=211
-  _globals['_REJECTION']._serialized_end=321
-  _globals['_BATCHACK']._serialized_start=323
-  _globals['_BATCHACK']._serialized_end=439
-  _globals['_INGESTSERVICE']._serialized_start=679
-  _globals['_INGESTSERVICE']._serialized_end=856
+  _globals['_REJECTCODE']._serialized_start=829
+  _globals['_REJECTCODE']._serialized_end=1128
+  _globals['_SAMPLEBATCH']._serialized_start=124
+  _globals['_SAMPLEBATCH']._serialized_end=245
+  _globals['_REJECTION']._serialized_start=247
+  _globals['_REJECTION']._serialized_end=357
+  _globals['_BATCHACK']._serialized_start=359
+  _globals['_BATCHACK']._serialized_end=475
+  _globals['_LIFECYCLEBATCH']._serialized_start=477
+  _globals['_LIFECYCLEBATCH']._serialized_end=588
+  _globals['_LIFECYCLEREJECTION']._serialized_start=590
+  _globals['_LIFECYCLEREJECTION']._serialized_end=708
+  _globals['_LIFECYCLEACK']._serialized_start=710
+  _globals['_LIFECYCLEACK']._serialized_end=826
+  _globals['_INGESTSERVICE']._serialized_start=1131
+  _globals['_INGESTSERVICE']._serialized_end=1401
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from meterline_proto.usage.v1 import lifecycle_pb2 as _lifecycle_pb2
 from meterline_proto.usage.v1 import samples_pb2 as _samples_pb2
 import builtins as _builtins
 import sys
@@ -37,6 +38,14 @@ class _RejectCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectCode
     """The resource is outside the scope of the agent's credential."""
     MALFORMED_RESOURCE_ID: _RejectCode.ValueType  # 8
     """The resource id is empty, too long, or contains control characters."""
+    UNKNOWN_PLAN: _RejectCode.ValueType  # 9
+    """Lifecycle events only: the plan is not in the catalog (or missing where required)."""
+    UNKNOWN_SUBSCRIPTION: _RejectCode.ValueType  # 10
+    """Lifecycle events only: the subscription is not in the catalog (or missing for MOVED)."""
+    MALFORMED_EVENT: _RejectCode.ValueType  # 11
+    """Lifecycle events only: event_id empty, too long or holding control characters; kind
+    unspecified or unknown; plan or subscription given on DELETED.
+    """
 
 class RejectCode(_RejectCode, metaclass=_RejectCodeEnumTypeWrapper): ...
 
@@ -51,6 +60,14 @@ FORBIDDEN_RESOURCE: RejectCode.ValueType  # 7
 """The resource is outside the scope of the agent's credential."""
 MALFORMED_RESOURCE_ID: RejectCode.ValueType  # 8
 """The resource id is empty, too long, or contains control characters."""
+UNKNOWN_PLAN: RejectCode.ValueType  # 9
+"""Lifecycle events only: the plan is not in the catalog (or missing where required)."""
+UNKNOWN_SUBSCRIPTION: RejectCode.ValueType  # 10
+"""Lifecycle events only: the subscription is not in the catalog (or missing for MOVED)."""
+MALFORMED_EVENT: RejectCode.ValueType  # 11
+"""Lifecycle events only: event_id empty, too long or holding control characters; kind
+unspecified or unknown; plan or subscription given on DELETED.
+"""
 Global___RejectCode: _TypeAlias = RejectCode  # noqa: Y015
 
 @_typing.final
@@ -142,3 +159,86 @@ class BatchAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchAck: _TypeAlias = BatchAck  # noqa: Y015
+
+@_typing.final
+class LifecycleBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SENT_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    sent_at_unix_ms: _builtins.int
+    """Agent clock when the batch was sent, UTC milliseconds since the epoch (informational)."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_lifecycle_pb2.LifecycleEvent]: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        sent_at_unix_ms: _builtins.int = ...,
+        events: _abc.Iterable[_lifecycle_pb2.LifecycleEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "events", b"events", "sent_at_unix_ms", b"sent_at_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleBatch: _TypeAlias = LifecycleBatch  # noqa: Y015
+
+@_typing.final
+class LifecycleRejection(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_INDEX_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    event_index: _builtins.int
+    """Position of the event in the batch."""
+    code: Global___RejectCode.ValueType
+    field: _builtins.str
+    """The offending field, e.g. "plan_id" or "occurred_at_unix_s"."""
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        event_index: _builtins.int = ...,
+        code: Global___RejectCode.ValueType = ...,
+        field: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "detail", b"detail", "event_index", b"event_index", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleRejection: _TypeAlias = LifecycleRejection  # noqa: Y015
+
+@_typing.final
+class LifecycleAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    accepted_count: _builtins.int
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleRejection]: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        accepted_count: _builtins.int = ...,
+        rejections: _abc.Iterable[Global___LifecycleRejection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "agent_id", b"agent_id", "rejections", b"rejections"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleAck: _TypeAlias = LifecycleAck  # noqa: Y015

@@ -44,6 +44,11 @@ class IngestServiceStub:
                 request_serializer=meterline_dot_agent_dot_v1_dot_agent__pb2.SampleBatch.SerializeToString,
                 response_deserializer=meterline_dot_agent_dot_v1_dot_agent__pb2.BatchAck.FromString,
                 _registered_method=True)
+        self.SendLifecycleEvents = channel.unary_unary(
+                '/meterline.agent.v1.IngestService/SendLifecycleEvents',
+                request_serializer=meterline_dot_agent_dot_v1_dot_agent__pb2.LifecycleBatch.SerializeToString,
+                response_deserializer=meterline_dot_agent_dot_v1_dot_agent__pb2.LifecycleAck.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -64,6 +69,14 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendLifecycleEvents(self, request, context):
+        """Resource lifecycle events (created, resized, moved, deleted): answered only after the
+        accepted events are durably in Kafka (topic resource.events.v1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.SubmitBatch,
                     request_deserializer=meterline_dot_agent_dot_v1_dot_agent__pb2.SampleBatch.FromString,
                     response_serializer=meterline_dot_agent_dot_v1_dot_agent__pb2.BatchAck.SerializeToString,
+            ),
+            'SendLifecycleEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendLifecycleEvents,
+                    request_deserializer=meterline_dot_agent_dot_v1_dot_agent__pb2.LifecycleBatch.FromString,
+                    response_serializer=meterline_dot_agent_dot_v1_dot_agent__pb2.LifecycleAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class IngestService:
             '/meterline.agent.v1.IngestService/SubmitBatch',
             meterline_dot_agent_dot_v1_dot_agent__pb2.SampleBatch.SerializeToString,
             meterline_dot_agent_dot_v1_dot_agent__pb2.BatchAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendLifecycleEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meterline.agent.v1.IngestService/SendLifecycleEvents',
+            meterline_dot_agent_dot_v1_dot_agent__pb2.LifecycleBatch.SerializeToString,
+            meterline_dot_agent_dot_v1_dot_agent__pb2.LifecycleAck.FromString,
             options,
             channel_credentials,
             insecure,

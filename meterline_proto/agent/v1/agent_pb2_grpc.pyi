@@ -37,6 +37,10 @@ class IngestServiceStub:
     """
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_agent_pb2.SampleBatch, _agent_pb2.BatchAck]
     """The same for agents that send one batch at a time."""
+    SendLifecycleEvents: _grpc.UnaryUnaryMultiCallable[_agent_pb2.LifecycleBatch, _agent_pb2.LifecycleAck]
+    """Resource lifecycle events (created, resized, moved, deleted): answered only after the
+    accepted events are durably in Kafka (topic resource.events.v1).
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -47,6 +51,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_agent_pb2.SampleBatch, _agent_pb2.BatchAck]  # type: ignore[assignment]
     """The same for agents that send one batch at a time."""
+    SendLifecycleEvents: _aio.UnaryUnaryMultiCallable[_agent_pb2.LifecycleBatch, _agent_pb2.LifecycleAck]  # type: ignore[assignment]
+    """Resource lifecycle events (created, resized, moved, deleted): answered only after the
+    accepted events are durably in Kafka (topic resource.events.v1).
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +74,15 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.BatchAck, _abc.Awaitable[_agent_pb2.BatchAck]]:
         """The same for agents that send one batch at a time."""
+
+    @_abc_1.abstractmethod
+    def SendLifecycleEvents(
+        self,
+        request: _agent_pb2.LifecycleBatch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.LifecycleAck, _abc.Awaitable[_agent_pb2.LifecycleAck]]:
+        """Resource lifecycle events (created, resized, moved, deleted): answered only after the
+        accepted events are durably in Kafka (topic resource.events.v1).
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
