@@ -61,6 +61,14 @@ LIMIT_MAXIMA: Mapping[str, int] = {
     "max_events_per_batch": 100_000,
     # How far in the past a lifecycle event may have occurred, seconds (400 days).
     "max_event_lateness_s": 400 * 24 * 3600,
+    # Labels of one sample (more are LABELS_OUT_OF_RANGE).
+    "max_labels_per_sample": 64,
+    # One label key / one label value, UTF-8 bytes (longer ones are LABELS_OUT_OF_RANGE).
+    "max_label_key_bytes": 256,
+    "max_label_value_bytes": 1024,
+    # Distinct label sets (label_sets entries) in one batch; more make the batch malformed.
+    # Bounds the per-set validation work and the label cardinality of one request.
+    "max_label_sets_per_batch": 100_000,
 }
 
 
@@ -77,6 +85,10 @@ class Limits:
     max_resource_id_bytes: int = 256
     max_events_per_batch: int = 1000
     max_event_lateness_s: int = DEFAULT_MAX_LATENESS_S
+    max_labels_per_sample: int = 16
+    max_label_key_bytes: int = 64
+    max_label_value_bytes: int = 256
+    max_label_sets_per_batch: int = 1000
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -10,7 +10,9 @@ Two levels of failure:
   adapter answers ``INVALID_ARGUMENT``): bytes that are not a ``SampleBatch``, too many
   bytes, an empty ``agent_id``, ``seq`` 0, per-sample columns of unequal length, more
   samples than allowed, a dictionary longer than the sample count, or a dictionary index
-  out of range.
+  out of range; for labels, a ``label_set_index`` neither empty nor as long as the other
+  columns, ``label_sets`` without ``label_set_index``, more than
+  ``limits.max_label_sets_per_batch`` label sets, or a label set index out of range.
 * A well-formed batch is judged per sample. Each rejected sample gets exactly one code: the
   first rule it fails, in this fixed order (``RULE_ORDER``)::
 
@@ -25,16 +27,24 @@ Two levels of failure:
       INTERVAL_OUT_OF_RANGE   duration_s      duration not in [min_duration_s, max_duration_s]
       TIMESTAMP_OUT_OF_RANGE  start_unix_s    end > now + max_clock_skew_s, or
                                               start < now - the meter's max_lateness_s
+      LABELS_OUT_OF_RANGE     label_set_index the sample's label set has more than
+                                              limits.max_labels_per_sample labels, a key
+                                              empty, over limits.max_label_key_bytes,
+                                              holding a control character or repeated,
+                                              or a value over max_label_value_bytes
 
   The interval length is checked before the timestamps so that an absurd duration is reported
   as such, not as a sample "from the future". The scope is checked before the directory so
   that an agent cannot learn which resources outside its scope exist. Resource ids are
-  judged once per dictionary entry, never per sample.
+  judged once per dictionary entry, never per sample; so are label sets (once per
+  ``label_sets`` entry, gathered to the samples with NumPy). Labels come last: a sample
+  wrong in what it measures is reported as that, not as a label problem.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -58,6 +68,7 @@ RULE_ORDER: tuple[RejectCode, ...] = (
     agent_pb2.QUANTITY_OVERFLOW,
     agent_pb2.INTERVAL_OUT_OF_RANGE,
     agent_pb2.TIMESTAMP_OUT_OF_RANGE,
+    agent_pb2.LABELS_OUT_OF_RANGE,
 )
 
 # The column each code points at (Rejection.field).
@@ -70,6 +81,7 @@ FIELD_OF_CODE: dict[RejectCode, str] = {
     agent_pb2.QUANTITY_OVERFLOW: "value",
     agent_pb2.INTERVAL_OUT_OF_RANGE: "duration_s",
     agent_pb2.TIMESTAMP_OUT_OF_RANGE: "start_unix_s",
+    agent_pb2.LABELS_OUT_OF_RANGE: "label_set_index",
 }
 
 _PER_SAMPLE_COLUMNS = (
@@ -103,6 +115,47 @@ def resource_id_problem(resource_id: str, limits: Limits) -> str | None:
     if CONTROL_CHARACTERS.search(resource_id):
         return "resource id contains a control character"
     return None
+
+
+def label_set_problem(label_set: samples_pb2.LabelSet, limits: Limits) -> str | None:
+    """Why ``label_set`` breaks a label limit, or None when it is within them.
+
+    Called once per distinct label set of a batch (a ``label_sets`` entry), never per sample.
+    """
+    labels = label_set.labels
+    if len(labels) > limits.max_labels_per_sample:
+        return (
+            f"{len(labels)} labels exceed the limit of {limits.max_labels_per_sample} "
+            "per sample (max_labels_per_sample)"
+        )
+    seen: set[str] = set()
+    for label in labels:  # at most max_labels_per_sample
+        key = label.key
+        if not key:
+            return "a label key is empty"
+        size = len(key.encode())
+        if size > limits.max_label_key_bytes:
+            return (
+                f"label key {_quoted(key)} of {size} bytes exceeds the limit of "
+                f"{limits.max_label_key_bytes} bytes (max_label_key_bytes)"
+            )
+        if CONTROL_CHARACTERS.search(key):
+            return f"label key {_quoted(key)} contains a control character"
+        if key in seen:
+            return f"label key {_quoted(key)} is repeated"
+        seen.add(key)
+        size = len(label.value.encode())
+        if size > limits.max_label_value_bytes:
+            return (
+                f"value of label {_quoted(key)} of {size} bytes exceeds the limit of "
+                f"{limits.max_label_value_bytes} bytes (max_label_value_bytes)"
+            )
+    return None
+
+
+def _bad_label_sets(label_sets: Sequence[samples_pb2.LabelSet], limits: Limits) -> BoolArray:
+    """Per ``label_sets`` entry: over a label limit?"""
+    return np.array([label_set_problem(s, limits) is not None for s in label_sets], dtype=np.bool_)
 
 
 def _gather(per_entry: BoolArray, index: npt.NDArray[np.intp]) -> BoolArray | None:
@@ -165,6 +218,8 @@ def _all_accepted(
     ):
         return False
     if not _entries_well_formed(resource_dict, limits):
+        return False
+    if any(label_set_problem(s, limits) is not None for s in cols.label_sets):  # per set
         return False
     value, duration, start = cols.value, cols.duration_s, cols.start_unix_s
     max_duration = max(duration)
@@ -247,10 +302,25 @@ def decode_batch(raw: bytes, limits: Limits | None = None) -> agent_pb2.SampleBa
             f"{_where(batch)}: {n} samples exceed the limit of "
             f"{limits.max_samples_per_batch} per batch"
         )
-    for dict_name, index_name in (
-        ("resource_dict", "resource_index"),
-        ("meter_dict", "meter_index"),
-    ):
+    dictionaries = [("resource_dict", "resource_index"), ("meter_dict", "meter_index")]
+    n_sets, n_set_index = len(cols.label_sets), len(cols.label_set_index)
+    if n_sets > limits.max_label_sets_per_batch:
+        raise MalformedBatchError(
+            f"{_where(batch)}: {n_sets} label sets exceed the limit of "
+            f"{limits.max_label_sets_per_batch} per batch (max_label_sets_per_batch)"
+        )
+    if n_set_index:
+        if n_set_index != n:
+            raise MalformedBatchError(
+                f"{_where(batch)}: label_set_index has {n_set_index} entries for {n} samples "
+                "(must be empty or one per sample)"
+            )
+        dictionaries.append(("label_sets", "label_set_index"))
+    elif n_sets:
+        raise MalformedBatchError(
+            f"{_where(batch)}: label_sets has {n_sets} entries but label_set_index is empty"
+        )
+    for dict_name, index_name in dictionaries:
         size = len(getattr(cols, dict_name))
         if size > n:
             raise MalformedBatchError(
@@ -326,6 +396,14 @@ def validate(
         | (duration > limits.max_duration_s),
         agent_pb2.TIMESTAMP_OUT_OF_RANGE: (start > now_unix_s + limits.max_clock_skew_s - duration)
         | (start < now_unix_s - lateness_s[meter_index]),
+        agent_pb2.LABELS_OUT_OF_RANGE: (
+            _gather(
+                _bad_label_sets(cols.label_sets, limits),
+                np.array(cols.label_set_index, dtype=np.intp),
+            )
+            if cols.label_set_index
+            else None
+        ),
     }
     codes = np.zeros(n, dtype=np.int8)
     for code in RULE_ORDER:  # a loop per rule, not per sample
@@ -378,11 +456,14 @@ def _rejection(
         detail = f"value {value} is negative (meter {meter!r}, resource {resource!r})"
     elif code == agent_pb2.QUANTITY_OVERFLOW:
         detail = f"value {value} exceeds the maximum {limits.max_value} (meter {meter!r})"
+    elif code == agent_pb2.LABELS_OUT_OF_RANGE:
+        label_set = cols.label_sets[cols.label_set_index[i]]
+        detail = f"{label_set_problem(label_set, limits)} (label set {cols.label_set_index[i]})"
     elif code == agent_pb2.INTERVAL_OUT_OF_RANGE:
         detail = (
             f"duration {duration} s is outside [{limits.min_duration_s}, {limits.max_duration_s}] s"
         )
-    else:
+    else:  # TIMESTAMP_OUT_OF_RANGE
         end = start + duration
         if end > now_unix_s + limits.max_clock_skew_s:
             detail = (
@@ -401,7 +482,8 @@ def _rejection(
 def accepted_columns(
     batch: agent_pb2.SampleBatch, accepted_mask: BoolArray
 ) -> samples_pb2.SampleColumns:
-    """The accepted samples only, with compact dictionaries (only the entries they use).
+    """The accepted samples only, with compact dictionaries (only the entries they use),
+    label sets included (compacted like the dictionaries) when the batch has labels.
 
     When every sample is accepted the batch's columns are returned as they are (the same
     message object; copy it before changing it).
@@ -412,10 +494,10 @@ def accepted_columns(
     out = samples_pb2.SampleColumns()
     if not bool(np.any(accepted_mask)):
         return out
-    for dict_name, index_name in (
-        ("resource_dict", "resource_index"),
-        ("meter_dict", "meter_index"),
-    ):
+    dictionaries = [("resource_dict", "resource_index"), ("meter_dict", "meter_index")]
+    if cols.label_set_index:
+        dictionaries.append(("label_sets", "label_set_index"))
+    for dict_name, index_name in dictionaries:
         kept = np.array(getattr(cols, index_name), dtype=np.int64)[accepted_mask]
         used, compact = np.unique(kept, return_inverse=True)
         entries = getattr(cols, dict_name)

@@ -11,6 +11,7 @@ import unicodedata
 from collectors.auth import Scope
 from collectors.directory import Directory, Limits
 from meterline_proto.agent.v1 import agent_pb2
+from meterline_proto.usage.v1 import samples_pb2
 
 
 def _malformed(resource: str, limits: Limits) -> bool:
@@ -18,6 +19,23 @@ def _malformed(resource: str, limits: Limits) -> bool:
         not resource
         or len(resource.encode()) > limits.max_resource_id_bytes
         or any(unicodedata.category(ch) == "Cc" for ch in resource)
+    )
+
+
+def _labels_out_of_range(label_set: samples_pb2.LabelSet, limits: Limits) -> bool:
+    keys = [label.key for label in label_set.labels]
+    return (
+        len(keys) > limits.max_labels_per_sample
+        or len(set(keys)) != len(keys)
+        or any(
+            not key
+            or len(key.encode()) > limits.max_label_key_bytes
+            or any(unicodedata.category(ch) == "Cc" for ch in key)
+            for key in keys
+        )
+        or any(
+            len(label.value.encode()) > limits.max_label_value_bytes for label in label_set.labels
+        )
     )
 
 
@@ -58,6 +76,10 @@ def reference_codes(
             or start < now_unix_s - rule.max_lateness_s
         ):
             code = agent_pb2.TIMESTAMP_OUT_OF_RANGE
+        elif cols.label_set_index and _labels_out_of_range(
+            cols.label_sets[cols.label_set_index[i]], limits
+        ):
+            code = agent_pb2.LABELS_OUT_OF_RANGE
         else:
             code = 0
         codes.append(code)

@@ -31,7 +31,7 @@ from collectors.simulator import FleetSpec, MeterKind, MeterSpec, host_batches
 from collectors.validation import encode_columns
 from meterline.embedded_broker import EmbeddedBroker, create_topics, free_port
 from meterline_proto.agent.v1 import agent_pb2
-from meterline_proto.usage.v1 import usage_record_pb2
+from meterline_proto.usage.v1 import samples_pb2, usage_record_pb2
 from tests.fixtures.kafka import TopicFactory
 
 pytestmark = pytest.mark.integration
@@ -465,3 +465,65 @@ def test_no_ack_while_the_broker_is_down_then_recovery(tmp_path: Path) -> None:
         assert seqs.count(2) >= 1  # the unacked attempt may or may not have landed
     finally:
         broker.stop()
+
+
+def labelled_batch(
+    rows: Sequence[Row], labels: Sequence[dict[str, str]], seq: int
+) -> agent_pb2.SampleBatch:
+    """``batch(rows)`` with one label set per row (one label_sets entry per distinct set)."""
+    out = batch(rows, seq=seq)
+    distinct: dict[tuple[tuple[str, str], ...], int] = {}
+    for pairs in (tuple(sorted(d.items())) for d in labels):  # test helper, a few rows
+        if pairs not in distinct:
+            distinct[pairs] = len(distinct)
+            out.samples.label_sets.add().labels.extend(
+                samples_pb2.Label(key=k, value=v) for k, v in pairs
+            )
+        out.samples.label_set_index.append(distinct[pairs])
+    return out
+
+
+def labelled_rows_of(
+    record: usage_record_pb2.UsageBatchRecord,
+) -> list[tuple[Row, dict[str, str]]]:
+    c = record.samples
+    labels = [{lb.key: lb.value for lb in c.label_sets[j].labels} for j in c.label_set_index]
+    return list(zip(rows_of(record), labels, strict=True))
+
+
+def test_labels_of_accepted_samples_reach_kafka_unchanged(
+    kafka_bootstrap: str, topic: TopicFactory
+) -> None:
+    name = topic("usage")
+    web = {"region": "eu-west", "tier": "gold", "team": "\u00e9quipe"}
+    db = {"region": "us-east"}
+    too_many = {f"k{i}": "v" for i in range(17)}  # max_labels_per_sample is 16
+    all_good = labelled_batch(GOOD, [web, db, {}], seq=1)
+    partly_bad = labelled_batch(
+        [GOOD[0], BAD_RESOURCE, GOOD[1], GOOD[2]], [web, db, too_many, web], seq=2
+    )
+
+    async def scenario() -> list[agent_pb2.BatchAck]:
+        async with collector(kafka_bootstrap, name) as (target, _):
+            acks, error = await stream_raw(
+                target, [all_good.SerializeToString(), partly_bad.SerializeToString()]
+            )
+            assert error is None
+            return acks
+
+    acks = asyncio.run(scenario())
+    assert [a.accepted_count for a in acks] == [3, 2]
+    assert [(r.sample_index, r.code, r.field) for r in acks[1].rejections] == [
+        (1, agent_pb2.UNKNOWN_RESOURCE, "resource_index"),
+        (2, agent_pb2.LABELS_OUT_OF_RANGE, "label_set_index"),
+    ]
+    assert "17 labels exceed the limit of 16" in acks[1].rejections[1].detail
+
+    by_seq = {r.seq: r for _, r in read_topic(kafka_bootstrap, name)}
+    assert sorted(by_seq) == [1, 2]
+    # All accepted: the batch's own columns, labels and all.
+    assert by_seq[1].samples == all_good.samples
+    assert labelled_rows_of(by_seq[1]) == [(GOOD[0], web), (GOOD[1], db), (GOOD[2], {})]
+    # Partly accepted: the accepted samples keep their labels; the label dictionary is compact.
+    assert labelled_rows_of(by_seq[2]) == [(GOOD[0], web), (GOOD[2], web)]
+    assert len(by_seq[2].samples.label_sets) == 1

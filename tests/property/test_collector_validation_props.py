@@ -26,7 +26,13 @@ DIRECTORY = Directory(
     meters={"m.counter": MeterRule(35 * DAY), "m.short": MeterRule(3600), "m.zero": MeterRule(0)},
     resource_ids=frozenset({"r-1", "r-2", "r-3"}),
 )
-LIMITS = Limits(max_samples_per_batch=64)
+LIMITS = Limits(
+    max_samples_per_batch=64,
+    max_labels_per_sample=3,
+    max_label_key_bytes=8,
+    max_label_value_bytes=8,
+    max_label_sets_per_batch=4,
+)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 UINT32 = st.integers(0, 2**32 - 1)
 
@@ -44,6 +50,13 @@ durations = st.one_of(st.integers(0, 4000), UINT32)
 values = st.one_of(
     st.integers(-5, 5), st.integers(2**50 - 2, 2**50 + 2), st.integers(0, 10**12), INT64
 )
+label_keys = st.sampled_from(
+    ["k", "region", "", "k\x07", "k\x85", "k" * 9, "\u00e9" * 4, "\u00e9" * 5]
+)
+label_values = st.sampled_from(["", "v", "v" * 8, "v" * 9, "\u00e9" * 4, "\u00e9" * 5, "\n"])
+label_sets = st.lists(
+    st.builds(samples_pb2.Label, key=label_keys, value=label_values), max_size=5
+).map(lambda labels: samples_pb2.LabelSet(labels=labels))
 
 
 @st.composite
@@ -64,6 +77,10 @@ def well_formed_batches(draw: st.DrawFn) -> agent_pb2.SampleBatch:
         duration_s=column(durations),
         value=column(values),
     )
+    if n and draw(st.booleans()):  # labels: none, or a dictionary and one index per sample
+        sets = draw(st.lists(label_sets, min_size=1, max_size=min(n, 4)))
+        cols.label_sets.extend(sets)
+        cols.label_set_index.extend(column(st.integers(0, len(sets) - 1)))
     agent_id = draw(st.text(min_size=1, max_size=8))
     seq = draw(st.integers(1, 2**64 - 1))
     return agent_pb2.SampleBatch(agent_id=agent_id, seq=seq, samples=cols)
@@ -96,6 +113,15 @@ def check_judged_exactly_once(batch: agent_pb2.SampleBatch, scope: Scope | None 
     assert [kept.meter_dict[i] for i in kept.meter_index] == [
         batch.samples.meter_dict[i] for i in np.array(batch.samples.meter_index)[mask]
     ]
+    if batch.samples.label_set_index:
+        assert [kept.label_sets[i] for i in kept.label_set_index] == [
+            batch.samples.label_sets[i] for i in np.array(batch.samples.label_set_index)[mask]
+        ]
+        if not mask.all():  # compacted (all accepted: the batch's own columns)
+            assert len(kept.label_sets) == len(set(kept.label_set_index))
+    else:
+        assert not kept.label_sets
+        assert not kept.label_set_index
     assert len(kept.resource_dict) == len(set(kept.resource_index))
     assert len(kept.meter_dict) == len(set(kept.meter_index))
 
@@ -133,4 +159,30 @@ def test_corrupted_batches_raise_only_malformed_batch_error(
         decoded = decode_batch(bytes(raw[:cut]), LIMITS)
     except MalformedBatchError:
         return
+    check_judged_exactly_once(decoded)
+
+
+@st.composite
+def labelled_batches(draw: st.DrawFn) -> agent_pb2.SampleBatch:
+    """Samples that pass every other rule, so that the labels decide."""
+    n = draw(st.integers(1, 16))
+    sets = draw(st.lists(label_sets, min_size=1, max_size=min(n, 4)))
+    cols = samples_pb2.SampleColumns(
+        resource_dict=["r-1"],
+        meter_dict=["m.counter"],
+        resource_index=[0] * n,
+        meter_index=[0] * n,
+        start_unix_s=[NOW - 3600] * n,
+        duration_s=[60] * n,
+        value=draw(st.lists(st.integers(0, 10), min_size=n, max_size=n)),
+        label_sets=sets,
+        label_set_index=draw(st.lists(st.integers(0, len(sets) - 1), min_size=n, max_size=n)),
+    )
+    return agent_pb2.SampleBatch(agent_id="a", seq=1, samples=cols)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(labelled_batches())
+def test_label_limits_equal_the_reference(batch: agent_pb2.SampleBatch) -> None:
+    decoded = decode_batch(batch.SerializeToString(), LIMITS)
     check_judged_exactly_once(decoded)

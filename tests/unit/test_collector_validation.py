@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from collectors.auth import Scope
-from collectors.directory import Directory, Limits, MeterRule
+from collectors.directory import LIMIT_MAXIMA, Directory, Limits, MeterRule
 from collectors.lifecycle import LIFECYCLE_ONLY_CODES
 from collectors.validation import (
     FIELD_OF_CODE,
@@ -332,3 +332,153 @@ def test_scope_forbids_resources_outside_it_before_telling_whether_they_exist() 
     for open_scope in (Scope.of(["*"]), None):
         codes = [r.code for r in validate(batch, DIRECTORY, LIMITS, NOW, open_scope).rejections]
         assert agent_pb2.FORBIDDEN_RESOURCE not in codes
+
+
+# --- labels ------------------------------------------------------------------------------
+
+Labels = Sequence[tuple[str, str]]  # pairs, so that a set may repeat a key
+
+
+def labelled(
+    samples: Sequence[S], label_sets: Sequence[Labels], index: Sequence[int]
+) -> agent_pb2.SampleBatch:
+    """A decoded batch of ``samples`` with the given label dictionary and per-sample index."""
+    batch = agent_pb2.SampleBatch.FromString(batch_of(samples))
+    for pairs in label_sets:
+        batch.samples.label_sets.add().labels.extend(
+            samples_pb2.Label(key=k, value=v) for k, v in pairs
+        )
+    batch.samples.label_set_index.extend(index)
+    return decode_batch(batch.SerializeToString())
+
+
+def labels_of(cols: samples_pb2.SampleColumns) -> list[list[tuple[str, str]]]:
+    return [
+        [(label.key, label.value) for label in cols.label_sets[j].labels]
+        for j in cols.label_set_index
+    ]
+
+
+GOOD_LABELS = [("region", "eu-west"), ("tier", "gold")]
+
+
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        ([(f"k{i}", "v") for i in range(17)], "17 labels exceed the limit of 16 per sample"),
+        ([("k" * 65, "v")], "of 65 bytes exceeds the limit of 64 bytes (max_label_key_bytes)"),
+        ([("\u00e9" * 33, "v")], "of 66 bytes exceeds the limit of 64 bytes"),
+        ([("k", "v" * 257)], "of 257 bytes exceeds the limit of 256 bytes (max_label_value_bytes)"),
+        ([("", "v")], "a label key is empty"),
+        ([("re\ngion", "v")], "contains a control character"),
+        ([("k\x85", "v")], "contains a control character"),
+        ([("region", "a"), ("tier", "b"), ("region", "c")], "label key 'region' is repeated"),
+    ],
+)
+def test_a_label_set_over_a_limit_rejects_only_its_samples(bad: Labels, problem: str) -> None:
+    batch = labelled(
+        [S(), S(value=2), S(value=3), S(value=-1)], [GOOD_LABELS, bad, []], [0, 1, 2, 1]
+    )
+    verdict = validate(batch, DIRECTORY, LIMITS, NOW)
+    assert [(r.index, r.code, r.field) for r in verdict.rejections] == [
+        (1, agent_pb2.LABELS_OUT_OF_RANGE, "label_set_index"),
+        (3, agent_pb2.NEGATIVE_QUANTITY, "value"),  # labels are judged last
+    ]
+    assert problem in verdict.rejections[0].detail
+    assert "(label set 1)" in verdict.rejections[0].detail
+    kept = accepted_columns(batch, verdict.accepted_mask)
+    assert list(kept.value) == [1000, 3]
+    assert labels_of(kept) == [GOOD_LABELS, []]
+
+
+def test_label_limits_boundaries_are_accepted_and_limits_are_settings() -> None:
+    at_limit = [
+        [(f"k{i:02}", "v") for i in range(16)],
+        [("k" * 64, "v" * 256)],
+        [("\u00e9" * 32, "\u00e9" * 128), ("\u30e9\u30d9\u30eb", "\x00\n")],  # values: any text
+    ]
+    batch = labelled([S(), S(), S()], at_limit, [0, 1, 2])
+    assert validate(batch, DIRECTORY, LIMITS, NOW).rejections == ()
+    tight = Limits(max_labels_per_sample=15, max_label_key_bytes=63, max_label_value_bytes=255)
+    verdict = validate(batch, DIRECTORY, tight, NOW)
+    assert [(r.index, r.code) for r in verdict.rejections] == [
+        (0, agent_pb2.LABELS_OUT_OF_RANGE),
+        (1, agent_pb2.LABELS_OUT_OF_RANGE),
+        (2, agent_pb2.LABELS_OUT_OF_RANGE),
+    ]
+    assert "16 labels exceed the limit of 15 per sample" in verdict.rejections[0].detail
+    assert "64 bytes exceeds the limit of 63 bytes (max_label_key_bytes)" in (
+        verdict.rejections[1].detail
+    )
+    assert "64 bytes exceeds the limit of 63 bytes (max_label_key_bytes)" in (
+        verdict.rejections[2].detail  # 32 two-byte characters
+    )
+    loose_keys = Limits(max_label_value_bytes=255)
+    verdict = validate(batch, DIRECTORY, loose_keys, NOW)
+    assert [r.index for r in verdict.rejections] == [1, 2]
+    assert "256 bytes exceeds the limit of 255 bytes (max_label_value_bytes)" in (
+        verdict.rejections[1].detail  # 128 two-byte characters
+    )
+    for name in (
+        "max_labels_per_sample",
+        "max_label_key_bytes",
+        "max_label_value_bytes",
+        "max_label_sets_per_batch",
+    ):
+        with pytest.raises(ValueError, match=name):
+            Limits(**{name: 0})
+        with pytest.raises(ValueError, match=name):
+            Limits(**{name: LIMIT_MAXIMA[name] + 1})
+
+
+def with_labels(label_sets: int, index: list[int]) -> bytes:
+    cols = cols_with()
+    for _ in range(label_sets):
+        cols.label_sets.add().labels.add(key="k", value="v")
+    cols.label_set_index.extend(index)
+    return raw(cols=cols)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (with_labels(1, [0]), "label_set_index has 1 entries for 2 samples"),
+        (with_labels(1, [0, 0, 0]), "label_set_index has 3 entries for 2 samples"),
+        (with_labels(1, [0, 1]), "label_set_index[1] = 1 is out of range for label_sets of 1"),
+        (with_labels(0, [0, 0]), "label_set_index[0] = 0 is out of range"),
+        (with_labels(1, []), "label_sets has 1 entries but label_set_index is empty"),
+        (with_labels(3, [0, 1]), "label_sets has 3 entries for 2 samples"),
+    ],
+)
+def test_malformed_labels_raise_naming_the_problem(data: bytes, message: str) -> None:
+    with pytest.raises(MalformedBatchError) as caught:
+        decode_batch(data)
+    assert message in str(caught.value)
+
+
+def test_too_many_label_sets_make_the_batch_malformed() -> None:
+    limits = Limits(max_label_sets_per_batch=1)
+    decode_batch(with_labels(1, [0, 0]), limits)
+    with pytest.raises(
+        MalformedBatchError,
+        match=r"2 label sets exceed the limit of 1 per batch \(max_label_sets_per_batch\)",
+    ):
+        decode_batch(with_labels(2, [0, 1]), limits)
+
+
+def test_accepted_columns_compact_the_label_sets_of_accepted_samples() -> None:
+    sets: list[Labels] = [[("a", "1")], [("b", "2")], [], [("c", "3")]]
+    samples = [S(value=1), S(resource="srv-404"), S(value=3), S(value=4), S(meter="gpu.hours")]
+    batch = labelled(samples, sets, [3, 1, 2, 3, 0])
+    verdict = validate(batch, DIRECTORY, LIMITS, NOW)
+    kept = accepted_columns(batch, verdict.accepted_mask)
+    assert list(kept.value) == [1, 3, 4]
+    assert labels_of(kept) == [[("c", "3")], [], [("c", "3")]]
+    assert len(kept.label_sets) == 2  # ("a",) and ("b",) only had rejected samples
+    rejected = accepted_columns(batch, ~verdict.accepted_mask)  # the rejects topic's view
+    assert labels_of(rejected) == [[("b", "2")], [("a", "1")]]
+    # No labels in, no labels out; all accepted: the very same columns, labels and all.
+    plain, _ = judge([S(), S(resource="srv-404")])
+    assert not accepted_columns(plain, np.array([True, False])).label_set_index
+    all_good = labelled([S(), S()], [GOOD_LABELS], [0, 0])
+    assert accepted_columns(all_good, np.ones(2, dtype=np.bool_)) is all_good.samples

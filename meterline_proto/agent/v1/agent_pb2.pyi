@@ -46,6 +46,10 @@ class _RejectCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectCode
     """Lifecycle events only: event_id empty, too long or holding control characters; kind
     unspecified or unknown; plan or subscription given on DELETED.
     """
+    LABELS_OUT_OF_RANGE: _RejectCode.ValueType  # 12
+    """The sample's label set breaks a label limit: too many labels, a key empty, too long,
+    holding control characters or repeated, or a value too long.
+    """
 
 class RejectCode(_RejectCode, metaclass=_RejectCodeEnumTypeWrapper): ...
 
@@ -67,6 +71,10 @@ UNKNOWN_SUBSCRIPTION: RejectCode.ValueType  # 10
 MALFORMED_EVENT: RejectCode.ValueType  # 11
 """Lifecycle events only: event_id empty, too long or holding control characters; kind
 unspecified or unknown; plan or subscription given on DELETED.
+"""
+LABELS_OUT_OF_RANGE: RejectCode.ValueType  # 12
+"""The sample's label set breaks a label limit: too many labels, a key empty, too long,
+holding control characters or repeated, or a value too long.
 """
 Global___RejectCode: _TypeAlias = RejectCode  # noqa: Y015
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meterline/usage/v1/samples.proto\x12\x12meterline.usage.v1\"\xa0\x01\n\rSampleColumns\x12\x15\n\rresource_dict\x18\x01 \x03(\t\x12\x12\n\nmeter_dict\x18\x02 \x03(\t\x12\x16\n\x0eresource_index\x18\x03 \x03(\r\x12\x13\n\x0bmeter_index\x18\x04 \x03(\r\x12\x14\n\x0cstart_unix_s\x18\x05 \x03(\x03\x12\x12\n\nduration_s\x18\x06 \x03(\r\x12\r\n\x05value\x18\x07 \x03(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n meterline/usage/v1/samples.proto\x12\x12meterline.usage.v1\"\xeb\x01\n\rSampleColumns\x12\x15\n\rresource_dict\x18\x01 \x03(\t\x12\x12\n\nmeter_dict\x18\x02 \x03(\t\x12\x16\n\x0eresource_index\x18\x03 \x03(\r\x12\x13\n\x0bmeter_index\x18\x04 \x03(\r\x12\x14\n\x0cstart_unix_s\x18\x05 \x03(\x03\x12\x12\n\nduration_s\x18\x06 \x03(\r\x12\r\n\x05value\x18\x07 \x03(\x03\x12\x30\n\nlabel_sets\x18\x08 \x03(\x0b\x32\x1c.meterline.usage.v1.LabelSet\x12\x17\n\x0flabel_set_index\x18\t \x03(\r\"5\n\x08LabelSet\x12)\n\x06labels\x18\x01 \x03(\x0b\x32\x19.meterline.usage.v1.Label\"#\n\x05Label\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meterline.usage.v1.samples_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLECOLUMNS']._serialized_start=57
-  _globals['_SAMPLECOLUMNS']._serialized_end=217
+  _globals['_SAMPLECOLUMNS']._serialized_end=292
+  _globals['_LABELSET']._serialized_start=294
+  _globals['_LABELSET']._serialized_end=347
+  _globals['_LABEL']._serialized_start=349
+  _globals['_LABEL']._serialized_end=384
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,8 @@ Columnar usage samples: the payload shared by the agent API and the Kafka record
 
 One entry per sample in every per-sample column (all of equal length n); the two
 dictionaries hold each distinct resource id and meter name of the batch once.
+Labels are optional and dictionary-encoded the same way: each distinct label set once
+in label_sets, one index per sample in label_set_index (empty: no sample has labels).
 Quantities are integers in the meter's base unit; no floats anywhere.
 """
 
@@ -34,6 +36,8 @@ class SampleColumns(_message.Message):
     START_UNIX_S_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    LABEL_SETS_FIELD_NUMBER: _builtins.int
+    LABEL_SET_INDEX_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def resource_dict(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Distinct resource ids referenced by this batch."""
@@ -66,6 +70,16 @@ class SampleColumns(_message.Message):
         the level held over the interval (gauge) or the level seen (peak).
         """
 
+    @_builtins.property
+    def label_sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelSet]:
+        """Distinct label sets referenced by this batch."""
+
+    @_builtins.property
+    def label_set_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per sample: index into label_sets. Either empty (no sample has labels) or as long as
+        the other per-sample columns; a sample without labels points at an empty LabelSet.
+        """
+
     def __init__(
         self,
         *,
@@ -76,11 +90,57 @@ class SampleColumns(_message.Message):
         start_unix_s: _abc.Iterable[_builtins.int] | None = ...,
         duration_s: _abc.Iterable[_builtins.int] | None = ...,
         value: _abc.Iterable[_builtins.int] | None = ...,
+        label_sets: _abc.Iterable[Global___LabelSet] | None = ...,
+        label_set_index: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "meter_dict", b"meter_dict", "meter_index", b"meter_index", "resource_dict", b"resource_dict", "resource_index", b"resource_index", "start_unix_s", b"start_unix_s", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "label_set_index", b"label_set_index", "label_sets", b"label_sets", "meter_dict", b"meter_dict", "meter_index", b"meter_index", "resource_dict", b"resource_dict", "resource_index", b"resource_index", "start_unix_s", b"start_unix_s", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SampleColumns: _TypeAlias = SampleColumns  # noqa: Y015
+
+@_typing.final
+class LabelSet(_message.Message):
+    """The labels of one sample: distinct keys, each with one value (UTF-8 strings)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___Label]: ...
+    def __init__(
+        self,
+        *,
+        labels: _abc.Iterable[Global___Label] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelSet: _TypeAlias = LabelSet  # noqa: Y015
+
+@_typing.final
+class Label(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Label: _TypeAlias = Label  # noqa: Y015

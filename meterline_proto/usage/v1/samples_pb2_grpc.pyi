@@ -5,6 +5,8 @@ Columnar usage samples: the payload shared by the agent API and the Kafka record
 
 One entry per sample in every per-sample column (all of equal length n); the two
 dictionaries hold each distinct resource id and meter name of the batch once.
+Labels are optional and dictionary-encoded the same way: each distinct label set once
+in label_sets, one index per sample in label_set_index (empty: no sample has labels).
 Quantities are integers in the meter's base unit; no floats anywhere.
 """
 
