@@ -223,6 +223,7 @@ def cmd_rate(args: argparse.Namespace) -> int:
             group_id=settings.consumer_group,
             deadletter_topic=settings.deadletter_topic,
             max_records_per_poll=settings.rating_max_records_per_poll,
+            archive_dir=Path(settings.rating_archive_dir) if settings.rating_archive_dir else None,
             consumer_config=(
                 {"group.instance.id": settings.rating_group_instance_id}
                 if settings.rating_group_instance_id is not None

@@ -5,7 +5,8 @@ One poll at a time (at most ``max_records_per_poll`` records):
 1. decode the records (``record_codec``) and rate their samples (``engine``);
 2. dead-letter what cannot be rated and wait until Kafka confirmed it (raise otherwise):
    an undecodable record as it was, and the unresolved samples of a batch as a copy of
-   the batch holding only those samples;
+   the batch holding only those samples; with an archive (``archive_dir``), archive the
+   poll's decodable records (``rating.archive``), durably, before the store write;
 3. ``store.write_rated``: ledger rows, hourly partials and the next offset per partition,
    in one transaction (bounded retries with backoff; after the last attempt it raises);
 4. only then commit the offsets to Kafka.
@@ -26,15 +27,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 import polars as pl
 
 from aggregation.ports import ConsumedOffset, Store, WriteOutcome
+from rating.archive import RawArchive, archive_frame
 from rating.catalog import Catalog
 from rating.engine import MAX_DURATION_S, CatalogFrames, rate
 from rating.kafka_source import DeadLetter, DeadLetterProducer, UsageConsumer
+from rating.parquet_archive import ParquetArchive
 from rating.record_codec import RawRecord, decode_records, parse_record, subset_record
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,7 @@ class WorkerConfig:
     store_backoff_max_s: float = 5.0
     deadletter_timeout_s: float = 30.0  # longest wait for Kafka to confirm dead letters
     max_sample_duration_s: int = MAX_DURATION_S
+    archive_dir: Path | None = None  # raw-batch archive (Parquet); None: no archive
     # Extra librdkafka settings, e.g. {"session.timeout.ms": 6000}.
     consumer_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
     producer_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
@@ -180,8 +185,15 @@ class RatingWorker:
         catalog: Catalog,
         clock: Callable[[], datetime],
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        archive: RawArchive | None = None,
     ) -> None:
+        """``archive``: where to archive each poll (default: a ``ParquetArchive`` in
+        ``config.archive_dir`` when set, else none)."""
         self.config = config
+        if archive is None and config.archive_dir is not None:
+            archive = ParquetArchive(config.archive_dir)
+        self._archive = archive
         self.stats = WorkerStats()
         self._store = store
         self._frames = CatalogFrames.from_catalog(catalog)
@@ -272,6 +284,11 @@ class RatingWorker:
             ConsumedOffset(self.config.group_id, topic, partition, offset)
             for (topic, partition), offset in sorted(next_offsets.items())
         ]
+        if self._archive is not None and decoded.ledger.height:
+            # Before the store write: a batch counted is always in the archive (a crash
+            # between the two replays the poll, whose file is then already there).
+            archive, accepted = self._archive, archive_frame(records, decoded)
+            self._retrying("archive.write", lambda: archive.write(accepted))
         rated_at = self._clock()
         if self._crash is not None:
             self._crash.reached("before_store_write")
