@@ -34,7 +34,7 @@ test: lint typecheck
 	$(BIN)/pytest
 
 benchmark: setup
-	$(BIN)/pytest benchmarks --benchmark-enable -p no:cacheprovider -s
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 proto: setup
 	$(BIN)/python -m meterline_proto._generate
