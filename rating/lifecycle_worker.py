@@ -19,18 +19,22 @@ change nothing.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
 
 import polars as pl
 
-from aggregation.ports import ConsumedOffset, LifecycleOutcome, Store
+from aggregation.ports import LifecycleOutcome, Store
 from rating.catalog import Catalog
-from rating.kafka_source import DeadLetter, DeadLetterProducer, UsageConsumer
+from rating.consumer_loop import (
+    ConsumerLoop,
+    consumed_offsets,
+    next_offsets,
+    undecodable_letter,
+)
+from rating.kafka_source import DeadLetterProducer, UsageConsumer
 from rating.lifecycle import decode_lifecycle_records, derive_spans
 from rating.record_codec import RawRecord
 from rating.worker import call_with_retries
@@ -90,7 +94,7 @@ class SpansStats:
         )
 
 
-class SpansWorker:
+class SpansWorker(ConsumerLoop[SpansStats]):
     """Consumes the lifecycle topic and keeps the store's resource spans. A context
     manager (``close()`` leaves the consumer group cleanly)."""
 
@@ -103,98 +107,32 @@ class SpansWorker:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.config = config
-        self.stats = SpansStats()
         self._store = store
         self._subscriptions = {r.id: r.subscription_id for r in catalog.resources.values()}
         self._clock = clock
         self._sleep = sleep
-        self._deadletters = DeadLetterProducer(
-            config.bootstrap, config.deadletter_topic, config.producer_config
+        super().__init__(
+            UsageConsumer(
+                config.bootstrap,
+                config.group_id,
+                config.topic,
+                self._stored_offsets,
+                config.consumer_config,
+            ),
+            DeadLetterProducer(config.bootstrap, config.deadletter_topic, config.producer_config),
+            SpansStats(),
+            config.max_records_per_poll,
+            config.poll_timeout_s,
         )
-        self._consumer = UsageConsumer(
-            config.bootstrap,
-            config.group_id,
-            config.topic,
-            self._stored_offsets,
-            config.consumer_config,
-        )
-
-    def close(self) -> None:
-        try:
-            self._consumer.close()
-        finally:
-            self._deadletters.close()
-
-    def __enter__(self) -> SpansWorker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def run(self, stop: threading.Event) -> SpansStats:
-        while not stop.is_set():
-            self.poll_once()
-        return self.stats
-
-    def run_until_idle(self, idle_s: float, max_seconds: float) -> SpansStats:
-        """Until no record arrived for ``idle_s`` seconds after the consumer got its
-        partitions, or ``max_seconds`` passed in all."""
-        deadline = time.monotonic() + max_seconds
-        last_activity: float | None = None
-        while (now := time.monotonic()) < deadline:
-            timeout = min(self.config.poll_timeout_s, deadline - now)
-            if self.poll_once(timeout):
-                last_activity = time.monotonic()
-            elif self._consumer.assignment is not None:
-                if last_activity is None:
-                    last_activity = time.monotonic()
-                elif time.monotonic() - last_activity >= idle_s:
-                    break
-        return self.stats
-
-    def poll_once(self, timeout_s: float | None = None) -> int:
-        records = self._consumer.poll(
-            self.config.max_records_per_poll,
-            self.config.poll_timeout_s if timeout_s is None else timeout_s,
-        )
-        if records:
-            self.stats = self.stats.plus(self.process(records))
-        return len(records)
 
     def process(self, records: Sequence[RawRecord]) -> SpansStats:
         decoded = decode_lifecycle_records(records)
-        letters = [
-            DeadLetter(
-                u.record.key,
-                u.record.value,
-                (
-                    *u.record.headers,
-                    ("meterline.error", u.error.encode()),
-                    ("meterline.error.kind", b"undecodable"),
-                    ("meterline.stage", STAGE.encode()),
-                    ("meterline.source.topic", u.record.topic.encode()),
-                    ("meterline.source.partition", str(u.record.partition).encode()),
-                    ("meterline.source.offset", str(u.record.offset).encode()),
-                ),
-            )
-            for u in decoded.undecodable
-        ]
+        letters = [undecodable_letter(u.record, u.error, STAGE) for u in decoded.undecodable]
         if letters:
             self._deadletters.send(letters, self.config.deadletter_timeout_s)
 
-        next_offsets: dict[tuple[str, int], int] = {}
-        for r in records:
-            key = (r.topic, r.partition)
-            next_offsets[key] = max(next_offsets.get(key, 0), r.offset + 1)
-        consumed = [
-            ConsumedOffset(self.config.group_id, topic, partition, offset)
-            for (topic, partition), offset in sorted(next_offsets.items())
-        ]
+        offsets = next_offsets(records)
+        consumed = consumed_offsets(self.config.group_id, offsets)
         unresolved = 0
 
         def derive(events: pl.DataFrame) -> pl.DataFrame:
@@ -218,7 +156,7 @@ class SpansWorker:
             backoff_max_s=self.config.store_backoff_max_s,
             sleep=self._sleep,
         )
-        self._consumer.commit(next_offsets)
+        self._consumer.commit(offsets)
         return SpansStats(
             polls=1,
             records=len(records),

@@ -22,20 +22,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import TypeVar
 
 import polars as pl
 
-from aggregation.ports import ConsumedOffset, Store, WriteOutcome
+from aggregation.ports import Store, WriteOutcome
+from rating import consumer_loop
 from rating.archive import RawArchive, archive_frame
 from rating.catalog import Catalog
+from rating.consumer_loop import (
+    ConsumerLoop,
+    consumed_offsets,
+    letter_headers,
+    next_offsets,
+)
 from rating.engine import MAX_DURATION_S, CatalogFrames, rate
 from rating.kafka_source import DeadLetter, DeadLetterProducer, UsageConsumer
 from rating.parquet_archive import ParquetArchive
@@ -45,7 +50,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "rating"
 # Longest meterline.error header, in characters; the rest is summarised.
-MAX_ERROR_HEADER_CHARS = 2000
 
 _T = TypeVar("_T")
 
@@ -173,7 +177,7 @@ def call_with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class RatingWorker:
+class RatingWorker(ConsumerLoop[WorkerStats]):
     """Consumes the usage topic and writes rated usage to the store.
 
     Use as a context manager (``close()`` leaves the consumer group cleanly)."""
@@ -194,75 +198,24 @@ class RatingWorker:
         if archive is None and config.archive_dir is not None:
             archive = ParquetArchive(config.archive_dir)
         self._archive = archive
-        self.stats = WorkerStats()
         self._store = store
         self._frames = CatalogFrames.from_catalog(catalog)
         self._clock = clock
         self._sleep = sleep
         self._crash = CrashHook.from_env(os.environ.get(CRASH_ENV))
-        self._deadletters = DeadLetterProducer(
-            config.bootstrap, config.deadletter_topic, config.producer_config
+        super().__init__(
+            UsageConsumer(
+                config.bootstrap,
+                config.group_id,
+                config.topic,
+                self._stored_offsets,
+                config.consumer_config,
+            ),
+            DeadLetterProducer(config.bootstrap, config.deadletter_topic, config.producer_config),
+            WorkerStats(),
+            config.max_records_per_poll,
+            config.poll_timeout_s,
         )
-        self._consumer = UsageConsumer(
-            config.bootstrap,
-            config.group_id,
-            config.topic,
-            self._stored_offsets,
-            config.consumer_config,
-        )
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def close(self) -> None:
-        try:
-            self._consumer.close()
-        finally:
-            self._deadletters.close()
-
-    def __enter__(self) -> RatingWorker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # -- loops ---------------------------------------------------------------------------
-
-    def run(self, stop: threading.Event) -> WorkerStats:
-        """Rate until ``stop`` is set."""
-        while not stop.is_set():
-            self.poll_once()
-        return self.stats
-
-    def run_until_idle(self, idle_s: float, max_seconds: float) -> WorkerStats:
-        """Rate until no record arrived for ``idle_s`` seconds after the consumer got its
-        partitions, or ``max_seconds`` passed in all (the demo and tests use this)."""
-        deadline = time.monotonic() + max_seconds
-        last_activity: float | None = None
-        while (now := time.monotonic()) < deadline:
-            timeout = min(self.config.poll_timeout_s, deadline - now)
-            if self.poll_once(timeout):
-                last_activity = time.monotonic()
-            elif self._consumer.assignment is not None:
-                if last_activity is None:
-                    last_activity = time.monotonic()
-                elif time.monotonic() - last_activity >= idle_s:
-                    break
-        return self.stats
-
-    def poll_once(self, timeout_s: float | None = None) -> int:
-        """Consume and rate one poll's worth of records; return how many there were."""
-        records = self._consumer.poll(
-            self.config.max_records_per_poll,
-            self.config.poll_timeout_s if timeout_s is None else timeout_s,
-        )
-        if records:
-            self.stats = self.stats.plus(self.process(records))
-        return len(records)
 
     # -- one poll ------------------------------------------------------------------------
 
@@ -276,14 +229,8 @@ class RatingWorker:
         if letters:
             self._deadletters.send(letters, self.config.deadletter_timeout_s)
 
-        next_offsets: dict[tuple[str, int], int] = {}
-        for r in records:
-            key = (r.topic, r.partition)
-            next_offsets[key] = max(next_offsets.get(key, 0), r.offset + 1)
-        consumed = [
-            ConsumedOffset(self.config.group_id, topic, partition, offset)
-            for (topic, partition), offset in sorted(next_offsets.items())
-        ]
+        offsets = next_offsets(records)
+        consumed = consumed_offsets(self.config.group_id, offsets)
         if self._archive is not None and decoded.ledger.height:
             # Before the store write: a batch counted is always in the archive (a crash
             # between the two replays the poll, whose file is then already there).
@@ -298,7 +245,7 @@ class RatingWorker:
         )
         if self._crash is not None:
             self._crash.reached("after_store_write")
-        self._consumer.commit(next_offsets)
+        self._consumer.commit(offsets)
 
         stats = WorkerStats(
             polls=1,
@@ -335,29 +282,8 @@ class RatingWorker:
 # -- dead letters ----------------------------------------------------------------------------
 
 
-def _headers(
-    record: RawRecord, kind: str, error: str, extra: Sequence[tuple[str, bytes]] = ()
-) -> tuple[tuple[str, bytes], ...]:
-    return (
-        *record.headers,
-        ("meterline.error", _bounded(error).encode()),
-        ("meterline.error.kind", kind.encode()),
-        ("meterline.stage", STAGE.encode()),
-        ("meterline.source.topic", record.topic.encode()),
-        ("meterline.source.partition", str(record.partition).encode()),
-        ("meterline.source.offset", str(record.offset).encode()),
-        *extra,
-    )
-
-
-def _bounded(text: str) -> str:
-    if len(text) <= MAX_ERROR_HEADER_CHARS:
-        return text
-    return text[: MAX_ERROR_HEADER_CHARS - 20] + f" ... ({len(text)} chars)"
-
-
 def undecodable_letter(record: RawRecord, error: str) -> DeadLetter:
-    return DeadLetter(record.key, record.value, _headers(record, "undecodable", error))
+    return consumer_loop.undecodable_letter(record, error, STAGE)
 
 
 def unresolved_letters(
@@ -399,8 +325,9 @@ def unresolved_letters(
             DeadLetter(
                 record.key,
                 subset.SerializeToString(),
-                _headers(
+                letter_headers(
                     record,
+                    STAGE,
                     "unresolved",
                     error,
                     [("meterline.sample_indexes", ",".join(map(str, indexes)).encode())],
