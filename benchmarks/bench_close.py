@@ -13,8 +13,9 @@ times ``close_period`` (usage query, rating, documents, the issued-invoice lookb
 ``save_invoices``), and prints accounts/s, total seconds and peak RSS.
 
 Run: ``.venv/bin/python benchmarks/bench_close.py`` (``--accounts 100000 --hours 2``;
-``--profile`` prints the top of a cProfile of the close, sorted by ``BENCH_SORT``,
-default ``cumulative``).
+``--workers N``: rating processes, default the CPU count capped (``invoicer/sharding.py``);
+``--profile`` prints the top of a cProfile of the close (this process only: use
+``--workers 1`` to see the rating), sorted by ``BENCH_SORT``, default ``cumulative``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import polars as pl
 from aggregation.duckdb_store import DuckDbStore
 from aggregation.ports import LEDGER_SCHEMA, PARTIALS_SCHEMA
 from invoicer.close import close_period
+from invoicer.sharding import default_workers
 from rating.catalog import (
     Account,
     BillingPeriod,
@@ -198,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=100_000)
     parser.add_argument("--hours", type=int, default=2, help="buckets per (subscription, meter)")
     parser.add_argument("--profile", action="store_true", help="cProfile the close")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="rating processes (default: the CPU count, capped; 1 = in-process)",
+    )
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -217,25 +225,30 @@ def main(argv: list[str] | None = None) -> int:
     cpu1 = time.process_time()
     if profiler is not None:
         profiler.enable()
-    result = close_period(store, catalog, 2026, 10, now)
+    # keep_invoices=False: what `meterline close` needs is the saved documents.
+    result = close_period(store, catalog, 2026, 10, now, workers=args.workers, keep_invoices=False)
     if profiler is not None:
         profiler.disable()
     seconds = time.perf_counter() - t1
     cpu = time.process_time() - cpu1
-    lines = sum(len(i.lines) for i in result.invoices)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_children = children.ru_utime + children.ru_stime
+    lines = sum(s.document.count('"kind": ') for s in result.stored)  # one per line
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_child_mib = children.ru_maxrss / 1024
     store.close()
 
     print(
-        f"close_period 2026-10: {len(result.invoices):,} invoices, {lines:,} lines, "
+        f"close_period 2026-10: {len(result.stored):,} invoices, {lines:,} lines, "
         f"{sum(len(s.document) for s in result.stored) / 2**20:,.0f} MiB of documents"
     )
     print(
-        f"total: {seconds:.1f} s wall ({cpu:.1f} s CPU) -> "
+        f"total ({args.workers} worker{'s' if args.workers != 1 else ''}): {seconds:.1f} s "
+        f"wall ({cpu:.1f} s CPU here + {cpu_children:.1f} s in workers) -> "
         f"{args.accounts / seconds:,.0f} accounts/s"
     )
     print(f"target: {args.accounts:,} accounts in <= {TARGET_SECONDS:.0f} s (100,000 in the issue)")
-    print(f"peak RSS: {peak_mib:,.0f} MiB")
+    print(f"peak RSS: {peak_mib:,.0f} MiB here, {peak_child_mib:,.0f} MiB largest worker")
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(

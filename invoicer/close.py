@@ -30,8 +30,9 @@ from invoicer.lines import (
     usage_lines,
     usage_windows,
 )
-from invoicer.periods import Period, account_period, format_instant, to_utc
+from invoicer.periods import BillingSchedule, Period, format_instant, to_utc
 from invoicer.rules import Exclusion, RuledUsage, mark_excluded, usage_with_rules
+from invoicer.sharding import NEEDS_PARENT, NeedsParent, rate_sharded
 from invoicer.store_spans import catalog_with_store_spans
 from invoicer.totals import finish_invoice
 from rating.catalog import DEFAULT_GRACE, Account, Catalog, Plan, Resource, Subscription
@@ -281,18 +282,38 @@ def _has_business(subscriptions: Iterable[Subscription], period: Period, invoice
 
 @gc_paused  # see invoicer/batch.py: nothing here makes reference cycles
 def close_period(
-    store: Store, catalog: Catalog, year: int, month: int, now: datetime
+    store: Store,
+    catalog: Catalog,
+    year: int,
+    month: int,
+    now: datetime,
+    *,
+    workers: int = 1,
+    keep_invoices: bool = True,
 ) -> CloseResult:
     """Close calendar month ``year-month`` for every account, each in its own timezone.
 
     Refuses with ``PeriodNotClosableError`` (saving nothing) when any account's period end +
     grace is still ahead of ``now``. Saves every draft in one ``save_invoices`` call;
     accounts with nothing active and no usage in the period get no draft.
+
+    ``workers`` > 1 rates contiguous shards of the accounts (in id order) in that many
+    forked processes (``invoicer/sharding.py``); the store is used by this process only, and
+    the result is the same, byte for byte. ``keep_invoices=False`` (sharded only) leaves
+    ``CloseResult.invoices`` empty (``stored`` holds every document), which spares shipping
+    the invoice objects back from the workers.
     """
     now = to_utc("now", now)
     label = f"{year:04d}-{month:02d}"
     accounts = sorted(catalog.accounts.values(), key=lambda a: a.id)
-    periods = {a.id: account_period(a, year, month) for a in accounts}
+    # Accounts sharing a policy and timezone history share the period: computed once each.
+    by_schedule: dict[BillingSchedule, Period] = {}
+    periods = {}
+    for a in accounts:
+        schedule = BillingSchedule.of(a)
+        if schedule not in by_schedule:
+            by_schedule[schedule] = schedule.period(year, month)
+        periods[a.id] = by_schedule[schedule]
     # Spans the store derived from lifecycle events bill next to the catalog's (issue 5).
     if periods:
         latest_end = max(p.end for p in periods.values())
@@ -316,6 +337,18 @@ def close_period(
     for account in accounts:
         by_period[periods[account.id]].append(account)
 
+    if workers > 1:
+        return _close_sharded(
+            store,
+            catalog,
+            label=label,
+            now=now,
+            by_period=by_period,
+            graph=graph,
+            index=index,
+            workers=workers,
+            keep_invoices=keep_invoices,
+        )
     invoices: list[Invoice] = []
     for period, group in sorted(by_period.items(), key=lambda item: item[0].start):
         subscription_ids = sorted(s.id for a in group for s in graph.subscriptions_on(a.id, index))
@@ -347,6 +380,93 @@ def close_period(
     if stored:
         store.save_invoices(stored)
     return CloseResult(label=label, invoices=tuple(invoices), stored=stored, untouched=untouched)
+
+
+def _needs_parent(*_: object) -> list[UsageTotal]:
+    raise NeedsParent  # a plan change in the period: rated by the parent, which has the store
+
+
+def _close_sharded(
+    store: Store,
+    catalog: Catalog,
+    *,
+    label: str,
+    now: datetime,
+    by_period: Mapping[Period, Sequence[Account]],
+    graph: BillingGraph,
+    index: CatalogIndex,
+    workers: int,
+    keep_invoices: bool,
+) -> CloseResult:
+    """``close_period``'s rating and saving with the accounts sharded over ``workers``
+    forked processes: the same store reads before, the same single save after."""
+    # (account id, period, its usage, the billing rules' exclusions of its period group)
+    jobs: list[tuple[str, Period, list[UsageTotal], Mapping[tuple[str, str], Exclusion]]] = []
+    for period, group in sorted(by_period.items(), key=lambda item: item[0].start):
+        subscription_ids = sorted(s.id for a in group for s in graph.subscriptions_on(a.id, index))
+        totals_by_subscription: dict[str, list[UsageTotal]] = defaultdict(list)
+        ruled = RuledUsage([], {})
+        if subscription_ids:
+            ruled = billable_usage(store, catalog, period, subscription_ids)
+            for total in ruled.totals:
+                totals_by_subscription[total.subscription_id].append(total)
+        for account in group:
+            subscriptions = graph.subscriptions_on(account.id, index)
+            totals = [t for s in subscriptions for t in totals_by_subscription.get(s.id, ())]
+            jobs.append((account.id, period, totals, ruled.exclusions))
+    # Issued invoices of these periods are re-rated against: their fresh drafts must come back.
+    existing = _issued_existing(store, catalog, set(by_period), now)
+    issued = {s.key for s in existing if s.status == "issued"}
+
+    def rate(
+        job: tuple[str, Period, list[UsageTotal], Mapping[tuple[str, str], Exclusion]],
+        segment_usage: UsageFetch = _needs_parent,
+    ) -> tuple[StoredInvoice, Invoice | None] | None:
+        account_id, period, totals, exclusions = job
+        invoice = rate_invoice(
+            graph,
+            account_id,
+            period,
+            totals,
+            index,
+            exclusions=exclusions,
+            segment_usage=segment_usage,
+        )
+        if invoice is None or not _has_business(
+            graph.subscriptions_on(account_id, index), period, invoice
+        ):
+            return None
+        keep = keep_invoices or invoice.key in issued
+        return to_stored_invoice(invoice), invoice if keep else None
+
+    in_parent = partial(rate, segment_usage=segment_usage_of(store, catalog))
+    rated = [
+        in_parent(job) if result is NEEDS_PARENT else result
+        for job, result in zip(jobs, rate_sharded(jobs, rate, workers), strict=True)
+    ]
+    drafts = sorted((r for r in rated if r is not None), key=lambda r: r[0].key)
+    fresh = [invoice for _, invoice in drafts if invoice is not None]
+    saved, untouched, obsolete = reconcile(
+        fresh,
+        existing,
+        lambda requests: rerate_periods(store, catalog, requests, index),
+    )
+    store.delete_drafts(obsolete)
+    # The workers' documents for the fresh drafts; adjustment drafts rendered here.
+    rendered = {id(invoice): stored for stored, invoice in drafts if invoice is not None}
+    stored_by_key = {s.key: s for s, _ in drafts if s.key not in issued}
+    for invoice in saved:
+        if id(invoice) not in rendered:
+            stored_by_key[invoice.key] = to_stored_invoice(invoice)
+    stored = tuple(stored_by_key[k] for k in sorted(stored_by_key))
+    if stored:
+        store.save_invoices(stored)
+    return CloseResult(
+        label=label,
+        invoices=tuple(saved) if keep_invoices else (),
+        stored=stored,
+        untouched=tuple(untouched),
+    )
 
 
 # -- lifecycle: late usage after issue (invoicer/adjustments.py) -------------------------------
@@ -397,16 +517,22 @@ def rerate_periods(
     return out
 
 
-def _with_adjustments(
-    store: Store, catalog: Catalog, invoices: list[Invoice], periods: set[Period], now: datetime
-) -> tuple[list[Invoice], tuple[str, ...]]:
+def _issued_existing(
+    store: Store, catalog: Catalog, periods: set[Period], now: datetime
+) -> list[StoredInvoice]:
     lateness = max((m.max_lateness for m in catalog.meters.values()), default=timedelta(0))
     # Only issued invoices matter (drafts are simply replaced): those of the periods closed
     # now, and those that ended within the lookback window.
     since = min([now - lateness - ADJUSTMENT_LOOKBACK_MARGIN, *(p.start for p in periods)])
     existing = store.load_invoices_ending_after(since, status="issued")
     # An account no longer in the catalog cannot be re-rated: its invoices are left alone.
-    known = [s for s in existing if s.account_id in catalog.accounts]
+    return [s for s in existing if s.account_id in catalog.accounts]
+
+
+def _with_adjustments(
+    store: Store, catalog: Catalog, invoices: list[Invoice], periods: set[Period], now: datetime
+) -> tuple[list[Invoice], tuple[str, ...]]:
+    known = _issued_existing(store, catalog, periods, now)
     index = CatalogIndex.of(catalog)
     saved, untouched, obsolete = reconcile(
         invoices, known, lambda requests: rerate_periods(store, catalog, requests, index)

@@ -115,6 +115,11 @@ def canonical_json(document: JsonValue) -> str:
 _encode_string = json.encoder.encode_basestring  # the C implementation when available
 
 
+# Encoded object keys (``"key": ``): documents repeat the same few dozen keys on every line.
+_key_texts: dict[str, str] = {}
+_MAX_KEY_TEXTS = 4096
+
+
 def _encode(value: object, newline: str) -> str:
     """One value, its nested lines indented from ``newline``. Scalars inside a container
     are encoded inline (one call per container, not per value: this is the hot path)."""
@@ -128,6 +133,11 @@ def _encode(value: object, newline: str) -> str:
         for key in sorted(value):
             if type(key) is not str:
                 raise TypeError(f"canonical JSON keys are strings, not {key!r}")
+            key_text = _key_texts.get(key)
+            if key_text is None:
+                key_text = _encode_string(key) + ": "
+                if len(_key_texts) < _MAX_KEY_TEXTS:
+                    _key_texts[key] = key_text
             item = value[key]
             item_kind = type(item)
             if item_kind is str:
@@ -138,7 +148,7 @@ def _encode(value: object, newline: str) -> str:
                 text = int.__repr__(item)
             else:
                 text = _encode(item, inner)
-            parts.append(_encode_string(key) + ": " + text)
+            parts.append(key_text + text)
         return "{" + inner + ("," + inner).join(parts) + newline + "}"
     if kind is list:
         assert isinstance(value, list)

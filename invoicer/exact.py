@@ -73,12 +73,23 @@ def decimal_text(value: Decimal, min_places: int = 0) -> str:
     places)."""
     if not value.is_finite():
         raise ValueError(f"{value} is not a finite number")
+    if not value:  # equal zeros differ in text ("-0"): not cached
+        return _decimal_text(value, min_places)
+    return _cached_decimal_text(value, min_places)
+
+
+def _decimal_text(value: Decimal, min_places: int) -> str:
     text = format(value, "f")
     whole, _, places = text.partition(".")
     places = places.rstrip("0")
     if len(places) < min_places:
         places += "0" * (min_places - len(places))
     return f"{whole}.{places}" if places else whole
+
+
+# Equal non-zero Decimals have the same text (their digits without trailing zeros), and
+# amounts, prices and quantities repeat across lines and accounts.
+_cached_decimal_text = lru_cache(maxsize=1 << 16)(_decimal_text)
 
 
 def money_text(value: Decimal, currency: str) -> str:

@@ -24,6 +24,13 @@ class UsageError(Exception):
     """Bad input from the command line: printed without a traceback, exit 2."""
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _instant(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
@@ -352,13 +359,22 @@ def cmd_close(args: argparse.Namespace) -> int:
     from invoicer.close import close_period
     from invoicer.documents import invoices_to_text
     from invoicer.periods import parse_period_label
+    from invoicer.sharding import default_workers
     from meterline.wiring import current_catalog, open_migrated_store, system_clock
 
     year, month = parse_period_label(args.period)
     now = args.now or system_clock()
     store = open_migrated_store(_settings(args).store_url)
     try:
-        result = close_period(store, current_catalog(store), year, month, now)
+        result = close_period(
+            store,
+            current_catalog(store),
+            year,
+            month,
+            now,
+            workers=args.workers or default_workers(),
+            keep_invoices=args.format == "text",  # json prints the saved documents
+        )
     finally:
         store.close()
     if args.format == "json":
@@ -521,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--now", type=_instant, help="the clock (default: now)")
     sub.add_argument("--format", choices=("text", "json"), default="text")
+    sub.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="processes rating the accounts, in contiguous shards by account id (default: "
+        "the CPU count, at most 8; 1 = in this process); the output is the same",
+    )
     _store_option(sub)
     billing_cli.add_scheduler_options(sub)
     billing_cli.register(commands, command, _store_option, _kafka_option)
