@@ -95,24 +95,22 @@ ON CONFLICT (group_id, topic, partition) DO UPDATE SET
     updated_at = excluded.updated_at
 """
 
-_SAVE_INVOICES = """
+# Saving drafts: refuse when any key is already issued, else replace by key, as a delete of
+# the keys present plus a plain insert. On DuckDB that is faster than ON CONFLICT DO UPDATE
+# for the usual first close of a period (100,000 new 8 KiB invoices: 6.95 s -> 4.99 s;
+# replacing them all: 3.62 s -> 4.05 s).
+_ISSUED_AMONG = """
+SELECT i.key FROM invoices AS i JOIN meterline_invoices_in AS n USING (key)
+WHERE i.status <> 'draft' ORDER BY i.key
+"""
+_DELETE_DRAFTS_AMONG = "DELETE FROM invoices WHERE key IN (SELECT key FROM meterline_invoices_in)"
+_INSERT_INVOICES = """
 INSERT INTO invoices
     (key, account_id, period_start, period_end, currency, status, total_minor, document,
      updated_at)
 SELECT key, account_id, period_start, period_end, currency, status, total_minor, document,
        now()
 FROM meterline_invoices_in
-ON CONFLICT (key) DO UPDATE SET
-    account_id = excluded.account_id,
-    period_start = excluded.period_start,
-    period_end = excluded.period_end,
-    currency = excluded.currency,
-    status = excluded.status,
-    total_minor = excluded.total_minor,
-    document = excluded.document,
-    updated_at = excluded.updated_at
-WHERE invoices.status = 'draft'
-RETURNING key
 """
 
 # Re-rating (replace_hourly): batches counted into the hours but missing from the
@@ -601,13 +599,13 @@ class DuckDbStore:
             orient="row",
         )
         with self._transaction({"meterline_invoices_in": frame}) as conn:
-            written = {r[0] for r in conn.execute(_SAVE_INVOICES).fetchall()}
-            refused = sorted(i.key for i in invoices if i.key not in written)
+            refused = [r[0] for r in conn.execute(_ISSUED_AMONG).fetchall()]
             if refused:
-                # Raising inside the transaction rolls back the drafts written with them.
                 raise IssuedInvoiceError(
                     f"invoices already issued cannot be replaced: {refused}; nothing was saved"
                 )
+            conn.execute(_DELETE_DRAFTS_AMONG)
+            conn.execute(_INSERT_INVOICES)
 
     def load_invoices(self, period_start: datetime | None = None) -> list[StoredInvoice]:
         query = f"SELECT {_INVOICE_COLUMNS} FROM invoices"
