@@ -191,6 +191,7 @@ def rate_account_period(
                 if line is not None:
                     lines.append(line)
             segment_totals = usage
+            segment_exclusions: Mapping[tuple[str, str], Exclusion] = exclusions or {}
             if several:
                 if segment_usage is None:
                     raise ChargeConfigurationError(
@@ -198,9 +199,11 @@ def rate_account_period(
                         f"in {period.start.isoformat()}..{period.end.isoformat()}: pass "
                         "segment_usage to rate its usage per segment"
                     )
-                segment_totals = _usage_index(
-                    {subscription.id}, segment_usage(lo, hi, [subscription.id])
-                )
+                fetched = segment_usage(lo, hi, [subscription.id])
+                if isinstance(fetched, RuledUsage):  # billing rules (§8) shown per segment
+                    segment_exclusions = fetched.exclusions
+                    fetched = fetched.totals
+                segment_totals = _usage_index({subscription.id}, fetched)
             for charge in plan.usage:
                 total = segment_totals.get((subscription.id, charge.meter))
                 if total is None:
@@ -211,9 +214,7 @@ def rate_account_period(
                         f"plan {plan.id!r} prices unknown meter {charge.meter!r}"
                     )
                 charge_lines = usage_lines(sp, charge, meter, total)
-                excluded = (
-                    None if several else (exclusions or {}).get((subscription.id, charge.meter))
-                )
+                excluded = segment_exclusions.get((subscription.id, charge.meter))
                 if excluded is not None:  # billing rules (§8): show the excluded usage
                     used = display_quantity(meter, excluded.full, period)
                     billable = display_quantity(meter, total, period)
@@ -239,7 +240,9 @@ def rate_account_period(
 
 # ``Store.usage_totals`` as a function: (start, end, subscription ids) -> totals per
 # (subscription, meter) of the buckets with start <= hour_start < end.
-UsageFetch = Callable[[datetime, datetime, Sequence[str]], Iterable[UsageTotal]]
+# A ``RuledUsage`` (billable totals and the billing rules' exclusions) lets per-segment
+# lines show the excluded usage (§8).
+UsageFetch = Callable[[datetime, datetime, Sequence[str]], Iterable[UsageTotal] | RuledUsage]
 
 
 def _plan(catalog: Catalog, account: Account, subscription: Subscription, plan_id: str) -> Plan:
@@ -256,9 +259,9 @@ def segment_usage_of(store: Store, catalog: Catalog) -> UsageFetch:
     a window (billing rules applied), one query per segment of a subscription that changes
     plan in the period."""
 
-    def fetch(start: datetime, end: datetime, ids: Sequence[str]) -> list[UsageTotal]:
+    def fetch(start: datetime, end: datetime, ids: Sequence[str]) -> RuledUsage:
         totals = store.usage_totals(start, end, ids)
-        return usage_with_rules(catalog, start, end, totals, store.usage_totals).totals
+        return usage_with_rules(catalog, start, end, totals, store.usage_totals)
 
     return fetch
 

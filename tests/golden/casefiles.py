@@ -31,7 +31,7 @@ from invoicer.close import rate_invoice
 from invoicer.consolidation import BillingGraph
 from invoicer.invoice import Invoice
 from invoicer.periods import Period, account_period, parse_period_label
-from invoicer.rules import usage_with_rules
+from invoicer.rules import RuledUsage, usage_with_rules
 from rating.catalog import Catalog
 from rating.catalog_file import load_catalog_file
 
@@ -160,8 +160,8 @@ def rate_case(case: GoldenCase) -> Invoice:
         case.catalog, period.start, period.end, usage_totals(case.usage, period), fetch
     )
 
-    def segment_usage(start: datetime, end: datetime, ids: Sequence[str]) -> list[UsageTotal]:
-        return usage_with_rules(case.catalog, start, end, fetch(start, end, ids), fetch).totals
+    def segment_usage(start: datetime, end: datetime, ids: Sequence[str]) -> RuledUsage:
+        return usage_with_rules(case.catalog, start, end, fetch(start, end, ids), fetch)
 
     invoice = rate_invoice(
         BillingGraph.of(case.catalog),  # bill-to and resellers (§9)
