@@ -76,7 +76,7 @@ async def _serve_collector(
     bootstrap: str, topic: str, resources: list[str], conn: Connection
 ) -> None:
     from collectors.directory import Directory, MeterRule
-    from collectors.grpc_server import CollectorServer
+    from collectors.grpc_server import CollectorServer, tune_gc_for_serving
     from collectors.ingest import Ingestor, IngestSettings
     from collectors.kafka_sink import KafkaSink
 
@@ -87,6 +87,7 @@ async def _serve_collector(
     )  # authentication off (authenticator=None), as in the embedded demo
     ingestor = Ingestor(directory, sink, settings, lambda: datetime.now(UTC))
     server = CollectorServer(ingestor, port=0)
+    tune_gc_for_serving()  # as `meterline collector serve` does (collectors.grpc_server.serve)
     port = await server.start()
     conn.send(port)
     loop = asyncio.get_running_loop()

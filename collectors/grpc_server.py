@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -284,6 +285,21 @@ class ServerTls:
         )
 
 
+# A collector keeps hundreds of thousands of long-lived objects (the state of every open
+# agent stream). With CPython's default thresholds (700, 10, 10) a full collection walks all
+# of them every few seconds: a pause of hundreds of milliseconds that shows up as ack latency
+# (bench_collector_fleet.py, 20,000 streams: p99 211 ms with the defaults, 13 ms with these).
+SERVING_GC_THRESHOLDS = (100_000, 50, 100)
+
+
+def tune_gc_for_serving() -> None:
+    """For a process whose job is serving: objects alive at start-up (modules, catalog,
+    directory) are frozen out of collections, and collections run far less often. Called by
+    :func:`serve`; a process that embeds a collector decides for itself."""
+    gc.freeze()
+    gc.set_threshold(*SERVING_GC_THRESHOLDS)
+
+
 class CollectorServer:
     """``port = await server.start()`` ... ``await server.stop(grace_s)``.
 
@@ -352,6 +368,7 @@ async def serve(
     tls: ServerTls | None = None,
 ) -> None:
     """Run a collector until cancelled; then stop it gracefully."""
+    tune_gc_for_serving()
     server = CollectorServer(ingestor, host=host, port=port, tls=tls)
     await server.start()
     try:
