@@ -12,8 +12,12 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from meterline.settings import Settings
+
+if TYPE_CHECKING:
+    from rating.consumer_loop import ConsumerLoop
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -217,6 +221,16 @@ def cmd_agent_token_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_consumer(worker: ConsumerLoop[Any], args: argparse.Namespace) -> object:
+    """Until idle (``--until-idle``), or until SIGTERM/SIGINT; returns the worker's stats."""
+    if args.until_idle is not None:
+        return worker.run_until_idle(args.until_idle, args.max_seconds)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return worker.run(stop)
+
+
 def cmd_rate(args: argparse.Namespace) -> int:
     from meterline.wiring import current_catalog, open_migrated_store, system_clock
     from rating.worker import RatingWorker, WorkerConfig
@@ -238,13 +252,7 @@ def cmd_rate(args: argparse.Namespace) -> int:
             ),
         )
         with RatingWorker(config, store, current_catalog(store), system_clock) as worker:
-            if args.until_idle is not None:
-                stats = worker.run_until_idle(args.until_idle, args.max_seconds)
-            else:
-                stop = threading.Event()
-                signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                signal.signal(signal.SIGINT, lambda *_: stop.set())
-                stats = worker.run(stop)
+            stats: object = _run_consumer(worker, args)
     finally:
         store.close()
     print(stats)
@@ -262,13 +270,7 @@ def cmd_spans_run(args: argparse.Namespace) -> int:
             bootstrap=settings.kafka_bootstrap, topic=args.topic, group_id=args.group
         )
         with SpansWorker(config, store, current_catalog(store), system_clock) as worker:
-            if args.until_idle is not None:
-                stats = worker.run_until_idle(args.until_idle, args.max_seconds)
-            else:
-                stop = threading.Event()
-                signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                signal.signal(signal.SIGINT, lambda *_: stop.set())
-                stats = worker.run(stop)
+            stats = _run_consumer(worker, args)
     finally:
         store.close()
     print(stats)
