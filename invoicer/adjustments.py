@@ -137,49 +137,31 @@ def adjustment_lines(
         delta_quantity = (now.quantity if now else Decimal(0)) - (
             before.quantity if before else Decimal(0)
         )
-        if now is not None:
-            lines.append(
-                InvoiceLine(
-                    key=key,
-                    kind=LineKind.ADJUSTMENT,
-                    description=f"Adjustment: {_strip(now.description)}",
-                    service_start=now.service_start,
-                    service_end=now.service_end,
-                    quantity=delta_quantity,
-                    unit=now.unit,
-                    unit_price=now.unit_price,
-                    amount_precise=delta_precise,
-                    amount_minor=delta_minor,
-                    currency=currency,
-                    subscription_id=now.subscription_id,
-                    plan_id=now.plan_id,
-                    meter=now.meter,
-                    resource_id=now.resource_id,
-                    usage_quantity=now.usage_quantity,
-                    included_quantity=now.included_quantity,
-                )
+        # The line as it stands now, or as it was invoiced when it is no longer due.
+        ref = now if now is not None else before
+        assert ref is not None
+        suffix = "" if now is not None else " (no longer due)"
+        lines.append(
+            InvoiceLine(
+                key=key,
+                kind=LineKind.ADJUSTMENT,
+                description=f"Adjustment: {_strip(ref.description)}{suffix}",
+                service_start=ref.service_start,
+                service_end=ref.service_end,
+                quantity=delta_quantity,
+                unit=ref.unit,
+                unit_price=ref.unit_price,
+                amount_precise=delta_precise,
+                amount_minor=delta_minor,
+                currency=currency,
+                subscription_id=ref.subscription_id,
+                plan_id=ref.plan_id,
+                meter=ref.meter,
+                resource_id=ref.resource_id,
+                usage_quantity=now.usage_quantity if now is not None else None,
+                included_quantity=now.included_quantity if now is not None else None,
             )
-        else:
-            assert before is not None
-            lines.append(
-                InvoiceLine(
-                    key=key,
-                    kind=LineKind.ADJUSTMENT,
-                    description=f"Adjustment: {_strip(before.description)} (no longer due)",
-                    service_start=before.service_start,
-                    service_end=before.service_end,
-                    quantity=delta_quantity,
-                    unit=before.unit,
-                    unit_price=before.unit_price,
-                    amount_precise=delta_precise,
-                    amount_minor=delta_minor,
-                    currency=currency,
-                    subscription_id=before.subscription_id,
-                    plan_id=before.plan_id,
-                    meter=before.meter,
-                    resource_id=before.resource_id,
-                )
-            )
+        )
     return lines
 
 
