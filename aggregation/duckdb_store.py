@@ -19,7 +19,7 @@ import polars as pl
 
 from aggregation import migrations
 from aggregation.agent_tokens import check_agent_token, scope_from_json
-from aggregation.frames import check_invoices, prepare_rated, require_aware
+from aggregation.frames import BATCH_KEY, HOURLY_KEY, check_invoices, prepare_rated, require_aware
 from aggregation.lifecycle_events import check_events, latest_offsets, require_spans_of
 from aggregation.ports import (
     CHANGED_SCHEMA,
@@ -53,7 +53,7 @@ INSERT INTO batch_ledger
 SELECT agent_id, seq, topic, partition, "offset", received_at, sample_count, $rated_at
 FROM meterline_ledger_in
 ON CONFLICT (agent_id, seq) DO NOTHING
-RETURNING agent_id, seq
+RETURNING agent_id, seq, batch_id
 """
 
 # Only the partial rows of batches that were new, summed per hour row first (an upsert may
@@ -76,14 +76,11 @@ ON CONFLICT (subscription_id, meter, hour_start) DO UPDATE SET
 RETURNING 1
 """
 
-# Which hours each new batch added to (schema version 3), for `meterline explain`.
-_INSERT_BATCH_USAGE = """
-INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
-SELECT p.agent_id, p.seq, p.subscription_id, p.meter, p.hour_start
-FROM meterline_partials_in AS p
-SEMI JOIN (
-    SELECT unnest($new_agent_ids::VARCHAR[]) AS agent_id, unnest($new_seqs::BIGINT[]) AS seq
-) AS n ON n.agent_id = p.agent_id AND n.seq = p.seq
+# Which batches (batch_ledger.batch_id) this call added to each hour row (schema 6), for
+# `meterline explain` and re-rating: one row per hour row, from a frame grouped by Polars.
+_INSERT_SOURCES = """
+INSERT INTO usage_sources (subscription_id, meter, hour_start, batch_ids)
+SELECT subscription_id, meter, hour_start, batch_ids FROM meterline_sources_in
 """
 
 _UPSERT_OFFSETS = """
@@ -113,10 +110,18 @@ SELECT key, account_id, period_start, period_end, currency, status, total_minor,
 FROM meterline_invoices_in
 """
 
-# Re-rating (replace_hourly): batches counted into the hours but missing from the
-# re-rating, and batches of the re-rating not counted (yet); up to three, with the count.
+# Re-rating (replace_hourly): batches counted into the hours (usage_sources, and batch_usage
+# rows of versions before 6) but missing from the re-rating, and batches of the re-rating
+# not counted (yet); up to three, with the count.
 _REPLACE_MISSING = """
 SELECT agent_id, seq, count(*) OVER () FROM (
+    SELECT l.agent_id, l.seq
+    FROM (
+        SELECT unnest(batch_ids) AS batch_id FROM usage_sources
+        WHERE hour_start >= $start AND hour_start < $end
+    ) AS s
+    JOIN batch_ledger AS l ON l.batch_id = s.batch_id
+    UNION
     SELECT agent_id, seq FROM batch_usage WHERE hour_start >= $start AND hour_start < $end
     EXCEPT
     SELECT agent_id, seq FROM meterline_replace_batches
@@ -151,6 +156,40 @@ WHERE usage_hourly.quantity <> excluded.quantity
    OR usage_hourly.quantity_max <> excluded.quantity_max
    OR usage_hourly.sample_count <> excluded.sample_count
 RETURNING 1
+"""
+
+# The sources of the re-rated hours: one row per hour row, the batch ids from the ledger.
+_REPLACE_SOURCES = """
+INSERT INTO usage_sources (subscription_id, meter, hour_start, batch_ids)
+SELECT p.subscription_id, p.meter, p.hour_start, list(l.batch_id ORDER BY l.batch_id)
+FROM meterline_replace_partials AS p
+JOIN batch_ledger AS l ON l.agent_id = p.agent_id AND l.seq = p.seq
+GROUP BY p.subscription_id, p.meter, p.hour_start
+"""
+
+# The batches behind some hours of one (subscription, meter), with how many of the hours
+# each added to: usage_sources (schema 6) and the batch_usage rows of older versions. A batch
+# is listed once per hour it added to (write_rated records new batches only, and a
+# re-rating replaces both tables' rows of its hours), so count(*) counts hours.
+_USAGE_BATCHES = """
+SELECT agent_id, seq, topic, partition, "offset", received_at,
+       count(*) AS hours
+FROM (
+    SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, s.hour_start
+    FROM (
+        SELECT hour_start, unnest(batch_ids) AS batch_id FROM usage_sources
+        WHERE subscription_id = $sub AND meter = $meter
+          AND hour_start >= $start AND hour_start < $end
+    ) AS s
+    JOIN batch_ledger AS l ON l.batch_id = s.batch_id
+    UNION ALL
+    SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, u.hour_start
+    FROM batch_usage AS u JOIN batch_ledger AS l ON l.agent_id = u.agent_id AND l.seq = u.seq
+    WHERE u.subscription_id = $sub AND u.meter = $meter
+      AND u.hour_start >= $start AND u.hour_start < $end
+)
+GROUP BY agent_id, seq, topic, partition, "offset", received_at
+ORDER BY topic, partition, "offset", agent_id, seq
 """
 
 _INVOICE_COLUMNS = (
@@ -346,10 +385,12 @@ class DuckDbStore:
                     "new_seqs": [k[1] for k in new_keys],
                 }
                 hourly_rows = len(conn.execute(_UPSERT_HOURLY, params).fetchall())
-                conn.execute(  # schema 3: which hours each batch added to, for explain
-                    _INSERT_BATCH_USAGE,
-                    {"new_agent_ids": params["new_agent_ids"], "new_seqs": params["new_seqs"]},
-                )
+                # Schema 6: which batches this call added to each hour row.
+                conn.register("meterline_sources_in", _sources_of(write.partials, new_keys))
+                try:
+                    conn.execute(_INSERT_SOURCES)
+                finally:
+                    conn.unregister("meterline_sources_in")
             if write.offsets:
                 conn.execute(_UPSERT_OFFSETS, {"rated_at": rated_at})
         return WriteOutcome(
@@ -435,15 +476,12 @@ class DuckDbStore:
             upserted = len(
                 conn.execute(_REPLACE_UPSERT_HOURLY, {"updated_at": updated_at}).fetchall()
             )
-            conn.execute(
-                "DELETE FROM batch_usage WHERE hour_start >= $start AND hour_start < $end",
-                params,
-            )
-            conn.execute(
-                "INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start) "
-                "SELECT agent_id, seq, subscription_id, meter, hour_start "
-                "FROM meterline_replace_partials"
-            )
+            for table in ("usage_sources", "batch_usage"):  # batch_usage: before schema 6
+                conn.execute(
+                    f"DELETE FROM {table} WHERE hour_start >= $start AND hour_start < $end",
+                    params,
+                )
+            conn.execute(_REPLACE_SOURCES)
         return deleted + upserted
 
     def ledger_count(self) -> int:
@@ -743,18 +781,9 @@ class DuckDbStore:
     ) -> pl.DataFrame:
         require_aware(start, "start")
         require_aware(end, "end")
-        query = (
-            'SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, '
-            "count(*) AS hours FROM batch_usage AS u JOIN batch_ledger AS l "
-            "ON l.agent_id = u.agent_id AND l.seq = u.seq "
-            "WHERE u.subscription_id = $sub AND u.meter = $meter "
-            "AND u.hour_start >= $start AND u.hour_start < $end "
-            'GROUP BY l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at '
-            'ORDER BY l.topic, l.partition, l."offset", l.agent_id, l.seq'
-        )
         params = {"sub": subscription_id, "meter": meter, "start": start, "end": end}
         with self._transaction():
-            frame = self._frame(query, params)
+            frame = self._frame(_USAGE_BATCHES, params)
         return frame.cast(pl.Schema(SOURCE_BATCH_SCHEMA))
 
     def pending_billing_events(self, limit: int = 1000) -> list[BillingEvent]:
@@ -779,6 +808,24 @@ class DuckDbStore:
                 {"published_at": published_at, "ids": list(event_ids)},
             ).fetchall()
         return len(rows)
+
+
+_NEW_BATCH_SCHEMA: dict[str, pl.DataType] = {
+    "agent_id": pl.String(),
+    "seq": pl.Int64(),
+    "batch_id": pl.Int64(),
+}
+
+
+def _sources_of(partials: pl.DataFrame, new_keys: Sequence[Sequence[Any]]) -> pl.DataFrame:
+    """One row per hour row the new batches (``new_keys``: rows of agent_id, seq, batch_id)
+    added to, with their batch ids as a list (usage_sources)."""
+    keys = pl.DataFrame(new_keys, schema=_NEW_BATCH_SCHEMA, orient="row")
+    return (
+        partials.join(keys, on=list(BATCH_KEY), how="inner")
+        .group_by(HOURLY_KEY)
+        .agg(pl.col("batch_id").alias("batch_ids"))
+    )
 
 
 def _stored_invoice(row: Sequence[Any]) -> StoredInvoice:

@@ -148,10 +148,62 @@ def sum_per_hour(partials: pl.DataFrame) -> pl.DataFrame:
         pl.col("sample_count").sum(),
         pl.len().alias("rows"),
     )
-    largest = int(hourly["quantity"].abs().max() or 0)  # type: ignore[arg-type]
-    if largest * int(summed["rows"].max() or 0) > _QUANTITY_LIMIT:  # type: ignore[arg-type]
+    if _may_overflow(hourly["quantity"], summed["rows"]):
         return hourly
     return summed.drop("rows")
+
+
+def _may_overflow(quantity: pl.Series, rows: pl.Series) -> bool:
+    """Whether a sum of ``rows`` (per hour row) values of ``quantity`` could pass 38 digits."""
+    largest = int(quantity.abs().max() or 0)  # type: ignore[arg-type]
+    return largest * int(rows.max() or 0) > _QUANTITY_LIMIT  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class HourlySources:
+    """The new partial rows of a write_rated call summed per hour row, with their sources.
+
+    ``hourly`` has the columns of ``sum_per_hour``'s result plus ``lo`` and ``hi`` (Int32):
+    the 1-based, inclusive bounds of the hour row's batches in ``batch_ids`` (each hour
+    row's batch ids are contiguous there, each batch once). When a sum could pass 38 digits
+    the rows come back unsummed (as ``sum_per_hour`` does), those of one hour row next to
+    each other; then only the first of them carries the bounds and the others an empty
+    slice (``lo`` 1 > ``hi`` 0), so that the sources still come out one row per hour row.
+    """
+
+    hourly: pl.DataFrame
+    batch_ids: pl.Series
+
+
+def sum_per_hour_with_sources(fresh: pl.DataFrame) -> HourlySources:
+    """``fresh`` (PARTIALS_SCHEMA plus ``batch_id``: the ledger's surrogate key of each
+    row's batch) summed per (subscription_id, meter, hour_start) like ``sum_per_hour``, and
+    the batch ids of each hour row, in one pass (one group_by, no sort of the rows)."""
+    grouped = fresh.group_by(HOURLY_KEY).agg(
+        pl.col("quantity").sum(),
+        pl.col("quantity_max").max(),
+        pl.col("sample_count").sum(),
+        pl.col("batch_id"),
+    )
+    rows = grouped["batch_id"].list.len()
+    hi = rows.cum_sum()
+    grouped = grouped.with_columns(lo=(hi - rows + 1).cast(pl.Int32), hi=hi.cast(pl.Int32))
+    batch_ids = grouped["batch_id"].explode()
+    if not _may_overflow(fresh["quantity"], rows):
+        return HourlySources(grouped.drop("batch_id"), batch_ids)
+    # Left unsummed for the database's exact sum: each hour row's rows in grouped's order.
+    order = grouped.select(*HOURLY_KEY, "lo", "hi").with_row_index("group")
+    unsummed = (
+        fresh.select(*HOURLY_KEY, "quantity", "quantity_max", "sample_count")
+        .join(order, on=HOURLY_KEY)
+        .sort("group", maintain_order=True)
+    )
+    first = unsummed["group"].is_first_distinct()
+    unsummed = unsummed.with_columns(
+        lo=pl.when(first).then(pl.col("lo")).otherwise(pl.lit(1, pl.Int32)),
+        hi=pl.when(first).then(pl.col("hi")).otherwise(pl.lit(0, pl.Int32)),
+    ).drop("group")
+    return HourlySources(unsummed, batch_ids)
 
 
 def check_invoices(invoices: Sequence[StoredInvoice]) -> None:

@@ -29,7 +29,7 @@ from aggregation.frames import (
     check_invoices,
     prepare_rated,
     require_aware,
-    sum_per_hour,
+    sum_per_hour_with_sources,
 )
 from aggregation.lifecycle_events import check_events, latest_offsets, require_spans_of
 from aggregation.pg_arrays import PgArray, int4_array, int8_array, text_array, timestamptz_array
@@ -59,8 +59,9 @@ from aggregation.spans import check_spans
 # Any constant works; it only has to be the same for every Meterline process.
 _MIGRATION_LOCK_KEY = 0x6D657465726C696E  # "meterlin"
 
-# (1) Insert the batches not seen before; RETURNING names exactly those. A concurrent
-# writer of the same batch waits on the ledger key, then skips it, so each batch counts once.
+# (1) Insert the batches not seen before; RETURNING names exactly those, with the surrogate
+# batch_id each got (schema 6). A concurrent writer of the same batch waits on the ledger
+# key, then skips it, so each batch counts once.
 _INSERT_LEDGER = """
 INSERT INTO batch_ledger
     (agent_id, seq, topic, partition, "offset", received_at, sample_count, rated_at)
@@ -71,14 +72,18 @@ FROM unnest(%(agent_id)b::text[], %(seq)b::bigint[], %(topic)b::text[],
             %(received_at)b::timestamptz[], %(sample_count)b::bigint[])
      AS b(agent_id, seq, topic, partition, "offset", received_at, sample_count)
 ON CONFLICT (agent_id, seq) DO NOTHING
-RETURNING agent_id, seq
+RETURNING agent_id, seq, batch_id
 """
 
 # (2) Add into usage_hourly the partial rows of the new batches only (the client keeps
 # those after (1) and sums them per hour row across the call first: an upsert may touch
 # each row once; the GROUP BY here is the server's exact numeric sum, which raises on
-# overflow), and record which hours each new batch added to (batch_usage, schema 3, for
-# `meterline explain`).
+# overflow), and record which batches this call added to each hour row (usage_sources,
+# schema 6, for `meterline explain` and re-rating): one row per hour row, its batch ids a
+# slice [lo:hi] of one flat bigint[] the client ordered by hour row. No GROUP BY for it
+# (an array_agg over the partial rows cost more than the upsert), and slicing a null-free
+# fixed-width array is O(1) per row. Rows with lo > hi are the extra rows of an hour row
+# the client left unsummed (see aggregation.frames.HourlySources).
 _ADD_HOURLY_AND_SOURCES = """
 WITH upserted AS (
     INSERT INTO usage_hourly AS h
@@ -98,10 +103,12 @@ WITH upserted AS (
         updated_at = excluded.updated_at
     RETURNING 1
 ), sources AS (
-    INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
-    SELECT * FROM unnest(%(u_agent_id)b::text[], %(u_seq)b::bigint[],
-                         %(u_subscription_id)b::text[], %(u_meter)b::text[],
-                         %(u_hour_start)b::timestamptz[])
+    INSERT INTO usage_sources (subscription_id, meter, hour_start, batch_ids)
+    SELECT s.subscription_id, s.meter, s.hour_start, (%(u_batch_id)b::bigint[])[s.lo:s.hi]
+    FROM unnest(%(h_subscription_id)b::text[], %(h_meter)b::text[],
+                %(h_hour_start)b::timestamptz[], %(h_lo)b::integer[], %(h_hi)b::integer[])
+         AS s(subscription_id, meter, hour_start, lo, hi)
+    WHERE s.lo <= s.hi
 )
 SELECT count(*) FROM upserted
 """
@@ -143,10 +150,16 @@ RETURNING key
 """
 
 # Re-rating (replace_hourly), under the ledger lock. Batches counted into the hours but
-# missing from the re-rating; and batches of the re-rating not counted (yet). Up to three
-# of each, with how many there are.
+# missing from the re-rating (usage_sources, and batch_usage rows of versions before 6);
+# and batches of the re-rating not counted (yet). Up to three of each, with how many there
+# are.
 _REPLACE_MISSING = """
 SELECT agent_id, seq, count(*) OVER () FROM (
+    SELECT l.agent_id, l.seq
+    FROM usage_sources AS s CROSS JOIN LATERAL unnest(s.batch_ids) AS b(batch_id)
+    JOIN batch_ledger AS l ON l.batch_id = b.batch_id
+    WHERE s.hour_start >= %(start)s AND s.hour_start < %(end)s
+    UNION
     SELECT agent_id, seq FROM batch_usage
     WHERE hour_start >= %(start)s AND hour_start < %(end)s
     EXCEPT
@@ -162,7 +175,9 @@ ORDER BY b.agent_id, b.seq LIMIT 3
 """
 # The new hour rows (summed by the database: exact, raises on overflow) replace the old
 # ones: changed rows are updated, equal rows left alone, rows not recomputed deleted; and
-# batch_usage of the hours is rewritten. Returns rows deleted, rows inserted or updated.
+# the sources of the hours are rewritten: their usage_sources and (legacy) batch_usage rows
+# deleted, one usage_sources row per new hour row written (every batch of the re-rating is
+# in the ledger: checked before). Returns rows deleted, rows inserted or updated.
 _REPLACE_HOURLY = """
 WITH parts AS (
     SELECT * FROM unnest(%(p_agent_id)b::text[], %(p_seq)b::bigint[],
@@ -197,12 +212,38 @@ WITH parts AS (
           IS DISTINCT FROM (excluded.quantity, excluded.quantity_max, excluded.sample_count)
     RETURNING 1
 ), unsourced AS (
+    DELETE FROM usage_sources WHERE hour_start >= %(start)s AND hour_start < %(end)s
+), unsourced_legacy AS (
     DELETE FROM batch_usage WHERE hour_start >= %(start)s AND hour_start < %(end)s
 ), sourced AS (
-    INSERT INTO batch_usage (agent_id, seq, subscription_id, meter, hour_start)
-    SELECT agent_id, seq, subscription_id, meter, hour_start FROM parts
+    INSERT INTO usage_sources (subscription_id, meter, hour_start, batch_ids)
+    SELECT p.subscription_id, p.meter, p.hour_start, array_agg(l.batch_id ORDER BY l.batch_id)
+    FROM parts AS p JOIN batch_ledger AS l ON l.agent_id = p.agent_id AND l.seq = p.seq
+    GROUP BY p.subscription_id, p.meter, p.hour_start
 )
 SELECT (SELECT count(*) FROM deleted), (SELECT count(*) FROM upserted)
+"""
+
+# The batches behind some hours of one (subscription, meter), with how many of the hours
+# each added to: usage_sources (schema 6) and the batch_usage rows of older versions. A batch
+# is listed once per hour it added to (write_rated records new batches only, and a
+# re-rating replaces both tables' rows of its hours), so count(*) counts hours.
+_USAGE_BATCHES = """
+SELECT agent_id, seq, topic, partition, "offset", received_at, count(*)
+FROM (
+    SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, s.hour_start
+    FROM usage_sources AS s CROSS JOIN LATERAL unnest(s.batch_ids) AS b(batch_id)
+    JOIN batch_ledger AS l ON l.batch_id = b.batch_id
+    WHERE s.subscription_id = %(sub)s AND s.meter = %(meter)s
+      AND s.hour_start >= %(start)s AND s.hour_start < %(end)s
+    UNION ALL
+    SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, u.hour_start
+    FROM batch_usage AS u JOIN batch_ledger AS l ON l.agent_id = u.agent_id AND l.seq = u.seq
+    WHERE u.subscription_id = %(sub)s AND u.meter = %(meter)s
+      AND u.hour_start >= %(start)s AND u.hour_start < %(end)s
+) AS u
+GROUP BY agent_id, seq, topic, partition, "offset", received_at
+ORDER BY topic, partition, "offset", agent_id, seq
 """
 
 # Partitioned natively? Is TimescaleDB installed? (Its views exist only then.)
@@ -829,17 +870,9 @@ class PgStore:
     ) -> pl.DataFrame:
         require_aware(start, "start")
         require_aware(end, "end")
+        params = {"sub": subscription_id, "meter": meter, "start": start, "end": end}
         with self._lock, self._conn.transaction():
-            rows = self._conn.execute(
-                'SELECT l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at, '
-                "count(*) FROM batch_usage AS u JOIN batch_ledger AS l "
-                "ON l.agent_id = u.agent_id AND l.seq = u.seq "
-                "WHERE u.subscription_id = %s AND u.meter = %s "
-                "AND u.hour_start >= %s AND u.hour_start < %s "
-                'GROUP BY l.agent_id, l.seq, l.topic, l.partition, l."offset", l.received_at '
-                'ORDER BY l.topic, l.partition, l."offset", l.agent_id, l.seq',
-                (subscription_id, meter, start, end),
-            ).fetchall()
+            rows = self._conn.execute(_USAGE_BATCHES, params).fetchall()
         return pl.DataFrame(rows, schema=SOURCE_BATCH_SCHEMA, orient="row")
 
     def pending_billing_events(self, limit: int = 1000) -> list[BillingEvent]:
@@ -895,24 +928,27 @@ def _ledger_params(ledger: pl.DataFrame) -> dict[str, Any]:
     }
 
 
+_NEW_BATCH_SCHEMA: dict[str, pl.DataType] = {
+    "agent_id": pl.String(),
+    "seq": pl.Int64(),
+    "batch_id": pl.Int64(),
+}
+
+
 def _partials_of(write: RatedWrite, new_keys: Sequence[Sequence[Any]]) -> pl.DataFrame:
-    """The partial rows of the batches the ledger insert just counted (``new_keys``)."""
-    if not new_keys or not write.partials.height:
-        return write.partials.clear()
-    if len(new_keys) == write.ledger.height:  # every batch is new (the usual case)
-        return write.partials
-    keys = pl.DataFrame(
-        {"agent_id": [k[0] for k in new_keys], "seq": [k[1] for k in new_keys]},
-        schema={"agent_id": pl.String(), "seq": pl.Int64()},
-    )
-    return write.partials.join(keys, on=list(BATCH_KEY), how="semi")
+    """The partial rows of the batches the ledger insert just counted (``new_keys``: rows of
+    agent_id, seq, batch_id), each with its batch's ``batch_id``."""
+    keys = pl.DataFrame(new_keys, schema=_NEW_BATCH_SCHEMA, orient="row")
+    return write.partials.join(keys, on=list(BATCH_KEY), how="inner")
 
 
 def _hourly_params(fresh: pl.DataFrame) -> dict[str, Any]:
     """Binary unnest() arrays of _ADD_HOURLY_AND_SOURCES: the partial rows of the new
-    batches summed per hour row across the call (several times fewer rows to upsert), and
-    their keys for batch_usage. Quantities travel as exact decimal text."""
-    hourly = sum_per_hour(fresh)
+    batches summed per hour row across the call (several times fewer rows to upsert), the
+    batch ids of every hour row as one flat array, and each hour row's slice of it.
+    Quantities travel as exact decimal text."""
+    sums = sum_per_hour_with_sources(fresh)
+    hourly = sums.hourly
     return {
         "h_subscription_id": text_array(hourly["subscription_id"]),
         "h_meter": text_array(hourly["meter"]),
@@ -920,11 +956,9 @@ def _hourly_params(fresh: pl.DataFrame) -> dict[str, Any]:
         "h_quantity": text_array(hourly["quantity"]),
         "h_quantity_max": text_array(hourly["quantity_max"]),
         "h_sample_count": int8_array(hourly["sample_count"]),
-        "u_agent_id": text_array(fresh["agent_id"]),
-        "u_seq": int8_array(fresh["seq"]),
-        "u_subscription_id": text_array(fresh["subscription_id"]),
-        "u_meter": text_array(fresh["meter"]),
-        "u_hour_start": timestamptz_array(fresh["hour_start"]),
+        "h_lo": int4_array(hourly["lo"]),
+        "h_hi": int4_array(hourly["hi"]),
+        "u_batch_id": int8_array(sums.batch_ids),
     }
 
 

@@ -256,7 +256,7 @@ class Store(Protocol):
         updated_at: datetime,
     ) -> int:
         """Re-rating: in ONE transaction, with write_rated held off, make usage_hourly (and
-        batch_usage) for start <= hour_start < end (whole hours) the sums of ``partials``
+        its sources) for start <= hour_start < end (whole hours) the sums of ``partials``
         (PARTIALS_SCHEMA, every row in the range), recomputed from exactly the batches
         ``batches`` (BATCH_KEY_SCHEMA). Rows whose values change (or appear, or vanish)
         take ``updated_at``; equal rows are left alone. The ledger is not touched. Raises
@@ -375,7 +375,8 @@ class Store(Protocol):
         """The batches (SOURCE_BATCH_SCHEMA) that added to usage_hourly of (subscription,
         meter) with start <= hour_start < end, with their Kafka position and how many of
         those hours each touched; sorted by topic, partition, offset. Written by write_rated
-        (batch_usage) from schema version 3 on: batches counted before are not listed."""
+        from schema version 3 on (batch_usage; usage_sources from version 6, both read):
+        batches counted before version 3 are not listed."""
         ...
 
 

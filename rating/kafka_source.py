@@ -30,6 +30,12 @@ RECEIVE_MESSAGE_MAX_BYTES = 1_000_000_000
 # 64 MiB; a poll of 500 records of 1,000 samples is ~7 MiB). A broker that ignores fetch
 # size limits (noida-db) can still return more in one fetch response.
 QUEUED_MAX_MESSAGES_KBYTES = 32_768
+# librdkafka fetches ahead until a partition's local queue holds queued.min.messages
+# (default 100,000). The worker asks for about one poll's worth per partition instead
+# (``prefetch_records``): enough to overlap fetching with rating, and a broker that answers
+# fetches at once rather than waiting for data (noida-db: an idle librdkafka consumer spins
+# at ~40 % of a core) is then asked only when that queue runs low.
+DEFAULT_PREFETCH_RECORDS = 500
 # How often produce() may meet a full local queue before the dead letters count as failed.
 MAX_QUEUE_FULL_RETRIES = 100
 
@@ -61,6 +67,8 @@ class UsageConsumer:
         topic: str,
         stored_offsets: Callable[[str], Mapping[int, int]],
         extra_config: Config | None = None,
+        *,
+        prefetch_records: int = DEFAULT_PREFETCH_RECORDS,
     ) -> None:
         self.topic = topic
         self.assignment: tuple[int, ...] | None = None  # None until the first assignment
@@ -73,6 +81,7 @@ class UsageConsumer:
             "isolation.level": "read_committed",
             "receive.message.max.bytes": RECEIVE_MESSAGE_MAX_BYTES,
             "queued.max.messages.kbytes": QUEUED_MAX_MESSAGES_KBYTES,
+            "queued.min.messages": prefetch_records,
             "enable.partition.eof": False,
         }
         config.update(extra_config or {})

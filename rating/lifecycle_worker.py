@@ -118,6 +118,7 @@ class SpansWorker(ConsumerLoop[SpansStats]):
                 config.topic,
                 self._stored_offsets,
                 config.consumer_config,
+                prefetch_records=config.max_records_per_poll,
             ),
             DeadLetterProducer(config.bootstrap, config.deadletter_topic, config.producer_config),
             SpansStats(),

@@ -210,6 +210,7 @@ class RatingWorker(ConsumerLoop[WorkerStats]):
                 config.topic,
                 self._stored_offsets,
                 config.consumer_config,
+                prefetch_records=config.max_records_per_poll,
             ),
             DeadLetterProducer(config.bootstrap, config.deadletter_topic, config.producer_config),
             WorkerStats(),

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 import psycopg
 import pytest
@@ -27,6 +28,7 @@ from aggregation.ports import (
     HOURLY_SCHEMA,
     LEDGER_SCHEMA,
     PARTIALS_SCHEMA,
+    SOURCE_BATCH_SCHEMA,
     SPANS_SCHEMA,
     AgentToken,
     ConsumedOffset,
@@ -1051,3 +1053,189 @@ def test_replace_hourly_refuses_bad_input(
     with pytest.raises(ValueError, match=message):
         rated_twice.replace_hourly(start, end, partials(*rows), _batches(("a", 1)), RATED_AT)
     assert hourly(rated_twice) == before
+
+
+# -- provenance: usage_sources (schema 6) and legacy batch_usage rows ---------------------------
+
+
+def _sources(store: Store, sub: str, start: datetime, end: datetime) -> list[tuple[Any, ...]]:
+    """usage_batches as (agent_id, seq, offset, hours), in its order."""
+    frame = store.usage_batches(sub, "m", start, end)
+    assert frame.schema == pl.Schema(SOURCE_BATCH_SCHEMA)
+    return frame.select("agent_id", "seq", "offset", "hours").rows()
+
+
+def test_usage_batches_lists_every_batch_of_hour_rows_written_by_several_calls(
+    store: Store,
+) -> None:
+    store.write_rated(
+        ledger(("a", 1), ("a", 2)),
+        partials(
+            ("a", 1, "s1", "m", 0, 1, 1, 1),
+            ("a", 1, "s1", "m", 1, 1, 1, 1),
+            ("a", 1, "s1", "m", 2, 1, 1, 1),
+            ("a", 2, "s1", "m", 0, 1, 1, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+    # A second call adds two more batches to the same hour rows (and to another subscription).
+    store.write_rated(
+        ledger(("b", 1), ("a", 3), first_offset=2),
+        partials(
+            ("b", 1, "s1", "m", 0, 2, 2, 1),
+            ("b", 1, "s1", "m", 1, 2, 2, 1),
+            ("a", 3, "s1", "m", 2, 3, 3, 1),
+            ("a", 3, "s2", "m", 3, 3, 3, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+
+    assert _sources(store, "s1", hour(0), hour(3)) == [
+        ("a", 1, 0, 3),
+        ("a", 2, 1, 1),
+        ("b", 1, 2, 2),
+        ("a", 3, 3, 1),
+    ]
+    assert _sources(store, "s1", hour(1), hour(2)) == [("a", 1, 0, 1), ("b", 1, 2, 1)]
+    assert _sources(store, "s2", *EVER) == [("a", 3, 3, 1)]
+    assert _sources(store, "s1", hour(3), hour(9)) == []
+    assert store.usage_batches("s1", "other", *EVER).is_empty()
+    row = store.usage_batches("s1", "m", hour(0), hour(1)).row(0, named=True)
+    assert (row["topic"], row["partition"], row["received_at"]) == (TOPIC, 0, H0)
+
+
+def test_duplicate_batches_add_no_sources(store: Store) -> None:
+    # Within one call: a batch delivered twice, with its partial rows twice.
+    first = partials(("a", 1, "s1", "m", 0, 5, 5, 1), ("a", 1, "s1", "m", 1, 6, 6, 1))
+    store.write_rated(
+        pl.concat([ledger(("a", 1)), ledger(("a", 1))]),
+        pl.concat([first, first]),
+        [],
+        RATED_AT,
+    )
+    assert _sources(store, "s1", *EVER) == [("a", 1, 0, 2)]
+    # Among calls: the same batch again, with a new one on the same hour rows.
+    outcome = store.write_rated(
+        ledger(("a", 1), ("a", 2)),
+        pl.concat([first, partials(("a", 2, "s1", "m", 0, 7, 7, 1))]),
+        [],
+        RATED_AT,
+    )
+    assert (outcome.new_batches, outcome.duplicate_batches) == (1, 1)
+    # Only duplicates: nothing new to record at all.
+    store.write_rated(ledger(("a", 2), ("a", 1)), first, [], RATED_AT)
+    assert _sources(store, "s1", *EVER) == [("a", 1, 0, 2), ("a", 2, 1, 1)]
+    assert hourly(store) == [("s1", "m", hour(0), 12, 7, 2), ("s1", "m", hour(1), 6, 6, 1)]
+
+
+def test_an_hour_row_left_unsummed_for_the_database_has_its_sources_once(store: Store) -> None:
+    # rows x largest quantity may pass 38 digits, so the client leaves hour 0 unsummed (the
+    # database's exact sum then adds it up, and it fits): still one source per batch and hour.
+    big = MAX_QUANTITY // 2 + 1
+    store.write_rated(
+        ledger(("a", 1), ("b", 1), ("c", 1)),
+        partials(
+            ("a", 1, "s1", "m", 0, big, big, 1),
+            ("b", 1, "s1", "m", 0, 1, 1, 1),
+            ("c", 1, "s1", "m", 0, 2, 2, 1),
+            ("a", 1, "s1", "m", 1, 5, 5, 1),
+        ),
+        [],
+        RATED_AT,
+    )
+    assert hourly(store) == [("s1", "m", hour(0), big + 3, big, 3), ("s1", "m", hour(1), 5, 5, 1)]
+    assert _sources(store, "s1", *EVER) == [("a", 1, 0, 2), ("b", 1, 1, 1), ("c", 1, 2, 1)]
+
+
+def _run_sql(store_url: str, statements: list[str]) -> None:
+    """Statements straight on the store's database (as an older Meterline would write)."""
+    if store_url.startswith("duckdb://"):
+        conn = duckdb.connect(store_url.removeprefix("duckdb://"))
+        try:
+            for statement in statements:
+                conn.execute(statement)
+        finally:
+            conn.close()
+        return
+    with psycopg.connect(store_url, autocommit=True, prepare_threshold=None) as pg:
+        for statement in statements:
+            pg.execute(statement)
+
+
+def test_batch_usage_rows_of_version_5_are_still_sources_after_migrating_to_6(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store at version 5 whose batch_usage rows an older Meterline wrote: after version 6
+    usage_batches still lists them, and re-rating sees them (and replaces them)."""
+    discover = migrations.discover
+    with monkeypatch.context() as patched:
+        patched.setattr(migrations, "discover", lambda dialect: discover(dialect)[:5])
+        old = open_store(store_url)
+        try:
+            assert old.migrate() == [1, 2, 3, 4, 5]
+        finally:
+            old.close()
+    at = "TIMESTAMPTZ '2026-10-01 00:00:00+00'"
+    later = f"{at} + INTERVAL '1 hour'"
+    ledger_rows = (
+        'INSERT INTO batch_ledger (agent_id, seq, topic, partition, "offset", received_at, '
+        f"sample_count, rated_at) VALUES ('old', 1, '{TOPIC}', 0, 0, {at}, 1, {at}), "
+        f"('old', 2, '{TOPIC}', 0, 1, {at}, 1, {at})"
+    )
+    hourly_rows = (
+        f"INSERT INTO usage_hourly VALUES ('s1', 'm', {at}, 10, 10, 1, {at}), "
+        f"('s1', 'm', {later}, 20, 20, 1, {at})"
+    )
+    legacy_sources = (
+        f"INSERT INTO batch_usage VALUES ('old', 1, 's1', 'm', {at}), "
+        f"('old', 1, 's1', 'm', {later}), ('old', 2, 's1', 'm', {later})"
+    )
+    _run_sql(store_url, [ledger_rows, hourly_rows, legacy_sources])
+    store = open_store(store_url)
+    try:
+        assert store.migrate() == [6]
+        store.write_rated(
+            ledger(("new", 1), first_offset=2),
+            partials(("new", 1, "s1", "m", 1, 1, 1, 1), ("new", 1, "s1", "m", 2, 2, 2, 1)),
+            [],
+            RATED_AT,
+        )
+        assert _sources(store, "s1", *EVER) == [
+            ("old", 1, 0, 2),
+            ("old", 2, 1, 1),
+            ("new", 1, 2, 2),
+        ]
+        assert _sources(store, "s1", hour(0), hour(1)) == [("old", 1, 0, 1)]
+
+        # A re-rating without the legacy batches would lose them: refused.
+        rerated = partials(("new", 1, "s1", "m", 1, 1, 1, 1), ("new", 1, "s1", "m", 2, 2, 2, 1))
+        with pytest.raises(
+            ReplaceConflictError, match=r"2 batch\(es\) counted .*\('old', 1\), \('old', 2\)"
+        ):
+            store.replace_hourly(hour(0), hour(3), rerated, _batches(("new", 1)), RATED_AT)
+        with pytest.raises(ReplaceConflictError, match=r"1 batch\(es\) counted .*\('old', 1\)"):
+            store.replace_hourly(hour(0), hour(1), partials(), _batches(("old", 2)), RATED_AT)
+
+        # With them it replaces the hours (same sums: no usage row changes), and their sources
+        # with them: (old, 1) now only in hour 0, so its legacy row of hour 1 must be gone.
+        everything = _batches(("old", 1), ("old", 2), ("new", 1))
+        redone = partials(
+            ("old", 1, "s1", "m", 0, 10, 10, 1),
+            ("old", 2, "s1", "m", 1, 20, 20, 1),
+            ("new", 1, "s1", "m", 1, 1, 1, 1),
+            ("new", 1, "s1", "m", 2, 2, 2, 1),
+        )
+        assert store.replace_hourly(hour(0), hour(3), redone, everything, RATED_AT) == 0
+        assert _sources(store, "s1", *EVER) == [
+            ("old", 1, 0, 1),
+            ("old", 2, 1, 1),
+            ("new", 1, 2, 2),
+        ]
+        # The rewritten sources are checked as before.
+        with pytest.raises(ReplaceConflictError, match=r"1 batch\(es\) counted .*\('old', 2\)"):
+            store.replace_hourly(hour(1), hour(2), partials(), _batches(("new", 1)), RATED_AT)
+        assert store.ledger_count() == 3
+    finally:
+        store.close()

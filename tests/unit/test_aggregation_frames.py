@@ -1,0 +1,79 @@
+"""aggregation.frames.sum_per_hour_with_sources: the hour rows write_rated upserts and, per
+hour row, the slice of one flat batch-id array that PostgreSQL stores as its usage_sources."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import polars as pl
+
+from aggregation.frames import HOURLY_KEY, sum_per_hour, sum_per_hour_with_sources
+from aggregation.ports import PARTIALS_SCHEMA
+
+H0 = datetime(2026, 10, 1, tzinfo=UTC)
+BIG = (10**38 - 1) // 2 + 1  # two of these may pass 38 digits
+
+
+def fresh(*rows: tuple[str, int, str, int, int, int]) -> pl.DataFrame:
+    """(agent_id, seq, subscription_id, hour, quantity, batch_id) rows, meter "m"."""
+    frame = pl.DataFrame(
+        [
+            (agent, seq, sub, "m", H0 + timedelta(hours=h), Decimal(q), Decimal(q), 1)
+            for agent, seq, sub, h, q, _ in rows
+        ],
+        schema=PARTIALS_SCHEMA,
+        orient="row",
+    )
+    return frame.with_columns(batch_id=pl.Series([r[5] for r in rows], dtype=pl.Int64))
+
+
+def sources(frame: pl.DataFrame) -> dict[tuple[object, ...], list[int]]:
+    """Hour row -> its batch ids, read back the way the server slices them (rows with an
+    empty slice add nothing)."""
+    result = sum_per_hour_with_sources(frame)
+    flat = result.batch_ids.to_list()
+    found: dict[tuple[object, ...], list[int]] = {}
+    for row in result.hourly.iter_rows(named=True):
+        if row["lo"] <= row["hi"]:
+            key = tuple(row[c] for c in HOURLY_KEY)
+            assert key not in found, f"two source rows for {key}"
+            found[key] = sorted(flat[row["lo"] - 1 : row["hi"]])
+    return found
+
+
+PARTS = fresh(
+    ("a", 1, "s1", 0, 5, 10),
+    ("a", 1, "s1", 1, 6, 10),
+    ("b", 1, "s1", 0, 7, 11),
+    ("b", 1, "s2", 0, 8, 11),
+    ("c", 3, "s1", 0, 9, 12),
+)
+
+
+def test_hour_rows_are_summed_and_each_lists_its_batches_once() -> None:
+    result = sum_per_hour_with_sources(PARTS)
+    expected = sum_per_hour(PARTS.drop("batch_id")).sort(HOURLY_KEY)
+    assert result.hourly.drop("lo", "hi").sort(HOURLY_KEY).equals(expected)
+    assert result.hourly.schema["lo"] == result.hourly.schema["hi"] == pl.Int32()
+    assert result.batch_ids.len() == PARTS.height
+    assert sources(PARTS) == {
+        ("s1", "m", H0): [10, 11, 12],
+        ("s1", "m", H0 + timedelta(hours=1)): [10],
+        ("s2", "m", H0): [11],
+    }
+
+
+def test_rows_left_unsummed_still_give_one_source_row_per_hour_row() -> None:
+    parts = pl.concat([PARTS, fresh(("d", 1, "s1", 0, BIG, 13))])
+    result = sum_per_hour_with_sources(parts)
+    # Unsummed, as sum_per_hour leaves them: the database's exact sum adds them up.
+    assert result.hourly.height == parts.height
+    assert sorted(result.hourly.drop("lo", "hi").rows()) == sorted(
+        sum_per_hour(parts.drop("batch_id")).rows()
+    )
+    assert sources(parts) == {
+        ("s1", "m", H0): [10, 11, 12, 13],
+        ("s1", "m", H0 + timedelta(hours=1)): [10],
+        ("s2", "m", H0): [11],
+    }
