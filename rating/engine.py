@@ -159,10 +159,9 @@ def rate(
     fewer than 2**50 pieces, stays far inside it) and becomes ``Decimal(38, 0)`` once, on
     the aggregated rows. Only the samples whose interval spans several hours are exploded
     into one row per hour; the reasons of unresolved samples are formatted for those alone.
-    Rows are grouped and sorted on order-preserving integer codes packed into two keys,
-    (batch, subscription) and (meter, hour), where the batch code numbers the distinct
-    (agent_id, seq) of this call in that order; names come back at the end, sorted by
-    (agent_id, seq, subscription_id, meter, hour_start).
+    Rows are grouped and sorted on order-preserving integer codes (``_aggregate``), where the
+    batch code numbers the distinct (agent_id, seq) of this call in that order; names come
+    back at the end, sorted by (agent_id, seq, subscription_id, meter, hour_start).
     """
     start, duration, value = pl.col("start_unix_s"), pl.col("duration_s"), pl.col("value")
     unknown_resource = pl.col("subscription_code").is_null()
@@ -237,45 +236,105 @@ def rate(
         .then(level * overlap_s.cast(pl.Int128))
         .otherwise(pl.lit(0, dtype=pl.Int128))
     )
-    # Codes: batch < 2**31 (rows), subscription < 2**32, meter < 2**23; hour in
-    # [0, 2**27) because instants lie in [1970, 10000). Both packed keys fit in int64.
-    keys = ["who", "what"]
     pieces = _resolve_moves(pl.concat([single, multi], how="vertical"), frames).select(
-        who=pl.col("batch_code") * _SHIFT_32 + pl.col("subscription_code"),
-        what=pl.col("meter_code") * _SHIFT_40 + hour,
+        "batch_code",
+        "subscription_code",
+        "meter_code",
+        "hour",
         quantity=quantity,
         quantity_max=level,
         sample_count=(hour == first_hour).cast(pl.Int64),
     )
-    grouped = (
-        pieces.group_by(keys)
-        .agg(
-            pl.col("quantity").sum(),
-            pl.col("quantity_max").max(),
-            pl.col("sample_count").sum().cast(pl.Int64),
-        )
-        # The order of the names: (agent, seq), subscription, meter, hour.
-        .sort(keys)
-    )
-    who, what = grouped.get_column("who"), grouped.get_column("what")
+    codes = _aggregate(pieces, batches.height, frames)
+    batch = codes.get_column("batch_code")
     partials = pl.DataFrame(
         {
-            "agent_id": batches.get_column("agent_id").gather(who // _SHIFT_32),
-            "seq": batches.get_column("seq").gather(who // _SHIFT_32),
-            "subscription_id": frames.subscription_names.gather(who % _SHIFT_32),
-            "meter": frames.meter_names.gather(what // _SHIFT_40),
-            "hour_start": ((what % _SHIFT_40) * (HOUR_S * 1_000_000)).cast(INSTANT),
-            "quantity": grouped.get_column("quantity").cast(QUANTITY),
-            "quantity_max": grouped.get_column("quantity_max").cast(QUANTITY),
-            "sample_count": grouped.get_column("sample_count"),
+            "agent_id": batches.get_column("agent_id").gather(batch),
+            "seq": batches.get_column("seq").gather(batch),
+            "subscription_id": frames.subscription_names.gather(
+                codes.get_column("subscription_code")
+            ),
+            "meter": frames.meter_names.gather(codes.get_column("meter_code")),
+            "hour_start": (codes.get_column("hour") * (HOUR_S * 1_000_000)).cast(INSTANT),
+            "quantity": codes.get_column("quantity").cast(QUANTITY),
+            "quantity_max": codes.get_column("quantity_max").cast(QUANTITY),
+            "sample_count": codes.get_column("sample_count"),
         },
         schema=PARTIALS_SCHEMA,
     )
     return Rated(partials=partials, unresolved=unresolved)
 
 
-_SHIFT_32 = 2**32
-_SHIFT_40 = 2**40
+# Bits of the packed grouping key (int64, non-negative); a test lowers it to take the
+# unpacked path.
+KEY_BITS = 63
+_CODES = ("batch_code", "subscription_code", "meter_code", "hour")
+_SUMS = (
+    pl.col("quantity").sum(),
+    pl.col("quantity_max").max(),
+    pl.col("sample_count").sum().cast(pl.Int64),
+)
+
+
+def _aggregate(pieces: pl.DataFrame, batches: int, frames: CatalogFrames) -> pl.DataFrame:
+    """``pieces`` summed per (batch, subscription, meter, hour) code, in that order.
+
+    The four codes are packed into one int64 key, most significant first, each in as many
+    bits as its range in this call needs (hours relative to the earliest), so the order of
+    the keys is the order of the codes: sorting on the key and reducing its runs with
+    running sums is ~3.5x faster than hashing two key columns. Ranges too wide for 63 bits
+    (not met in practice: 500 batches, 10^6 subscriptions, 256 meters and 10 years of hours
+    need 54) group on the four columns instead."""
+    if pieces.is_empty():
+        return pieces.select(*_CODES, "quantity", "quantity_max", "sample_count")
+    hour_low = int(pieces.get_column("hour").min())  # type: ignore[arg-type]
+    hour_high = int(pieces.get_column("hour").max())  # type: ignore[arg-type]
+    widths = [
+        _bits(batches),
+        _bits(frames.subscription_names.len()),
+        _bits(frames.meter_names.len()),
+        _bits(hour_high - hour_low + 1),
+    ]
+    if sum(widths) > KEY_BITS:
+        return pieces.group_by(_CODES).agg(*_SUMS).sort(_CODES)
+    key = pl.lit(0, dtype=pl.Int64)
+    for name, width in zip(_CODES, widths, strict=True):
+        code = pl.col(name) - hour_low if name == "hour" else pl.col(name)
+        key = key * (1 << width) + code
+    # Sorted, each key is a run of rows: its sums are differences of running sums at the
+    # runs' last rows, and its max a running max of (run number x 2**64 + level), levels
+    # being in [0, 2**63) (negative values are unresolved). Running sums stay far inside
+    # Int128: fewer than 2**31 pieces of |quantity| < 2**75.
+    last = (pl.col("_key") != pl.col("_key").shift(-1)).fill_null(value=True)
+    run = pl.col("_key").rle_id().cast(pl.Int128) * (1 << 64)
+    ends = (
+        pieces.select(key.alias("_key"), "quantity", "quantity_max", "sample_count")
+        .sort("_key")
+        .select(
+            "_key",
+            quantity=pl.col("quantity").cum_sum(),
+            quantity_max=(run + pl.col("quantity_max")).cum_max() - run,
+            sample_count=pl.col("sample_count").cum_sum(),
+        )
+        .filter(last)
+    )
+    grouped = ends.with_columns(
+        pl.col(name).diff().fill_null(pl.col(name)) for name in ("quantity", "sample_count")
+    )
+    unpacked: dict[str, pl.Expr] = {}
+    shift = 0
+    for name, width in reversed(list(zip(_CODES, widths, strict=True))):
+        code = (pl.col("_key") // (1 << shift)) % (1 << width)
+        unpacked[name] = code + hour_low if name == "hour" else code
+        shift += width
+    return grouped.select(**{name: unpacked[name] for name in _CODES}).hstack(
+        grouped.select("quantity", "quantity_max", "sample_count")
+    )
+
+
+def _bits(count: int) -> int:
+    """Bits for the codes 0 .. count - 1 (at least one)."""
+    return max(1, (count - 1).bit_length())
 
 
 def _resolve_moves(pieces: pl.DataFrame, frames: CatalogFrames) -> pl.DataFrame:

@@ -9,6 +9,7 @@ import polars as pl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rating import engine
 from rating.catalog import Catalog
 from rating.catalog_file import parse_catalog
 from rating.engine import HOUR_S, MAX_DURATION_S, CatalogFrames, rate
@@ -133,6 +134,20 @@ def test_partials_are_per_batch_and_sum_to_the_whole(samples: list[Sample]) -> N
     assert _engine_totals(pieces) == whole
     partials = rate(_frame(samples), FRAMES).partials
     assert partials.select(PARTIAL_KEYS).is_duplicated().sum() == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(samples_st, min_size=1, max_size=30))
+def test_the_packed_key_groups_as_the_four_codes_do(samples: list[Sample]) -> None:
+    """Aggregating on one packed int64 key (the usual path) and on the four code columns
+    (the path for code ranges too wide for 63 bits) give identical partials."""
+    packed = rate(_frame(samples), FRAMES).partials
+    key_bits, engine.KEY_BITS = engine.KEY_BITS, 0
+    try:
+        unpacked = rate(_frame(samples), FRAMES).partials
+    finally:
+        engine.KEY_BITS = key_bits
+    assert packed.equals(unpacked)
 
 
 def test_a_moving_resource_resolves_by_the_span_at_each_piece() -> None:
