@@ -121,14 +121,14 @@ def build_records(batches: int, prefix: str) -> list[RawRecord]:
     return records
 
 
-def polls(records: list[RawRecord]) -> list[list[RawRecord]]:
-    return [records[i : i + PER_POLL] for i in range(0, len(records), PER_POLL)]
+def polls(records: list[RawRecord], per_poll: int) -> list[list[RawRecord]]:
+    return [records[i : i + per_poll] for i in range(0, len(records), per_poll)]
 
 
-def bench_engine(records: list[RawRecord], frames: CatalogFrames) -> None:
+def bench_engine(records: list[RawRecord], frames: CatalogFrames, per_poll: int) -> None:
     decode_s = rate_s = 0.0
     samples = rows = 0
-    for chunk in polls(records):
+    for chunk in polls(records, per_poll):
         t0 = time.process_time()
         decoded = decode_records(chunk)
         t1 = time.process_time()
@@ -166,12 +166,14 @@ def server_note(before: float | None, store: Store) -> str:
     return "" if before is None or after is None else f", {after - before:.2f} CPU-s in the server"
 
 
-def bench_write(label: str, store: Store, records: list[RawRecord], frames: CatalogFrames) -> None:
+def bench_write(
+    label: str, store: Store, records: list[RawRecord], frames: CatalogFrames, per_poll: int
+) -> None:
     """write_rated of each poll (decode and rate untimed): the store's share."""
     write_s = cpu_s = 0.0
     server0 = server_cpu_s(store)
     samples = 0
-    for i, chunk in enumerate(polls(records)):
+    for i, chunk in enumerate(polls(records, per_poll)):
         decoded = decode_records(chunk)
         rated = rate(decoded.samples, frames)
         offsets = [ConsumedOffset("bench-write", TOPIC, 0, i + 1)]
@@ -240,13 +242,14 @@ def bench_e2e(
     timer: WriteTimer,
     catalog: Catalog,
     samples: int,
+    per_poll: int,
 ) -> None:
     cfg = WorkerConfig(
         bootstrap=bootstrap,
         topic=TOPIC,
         group_id=f"bench-{label}-{time.time_ns()}",
         deadletter_topic=f"{TOPIC}.dead",
-        max_records_per_poll=PER_POLL,
+        max_records_per_poll=per_poll,
     )
     with RatingWorker(cfg, store, catalog, lambda: NOW) as worker:
         # Wait for the assignment before timing (a group join takes ~1 s on noida-db).
@@ -319,11 +322,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2000, help="1,000-sample batches")
     parser.add_argument("--no-e2e", action="store_true", help="skip the broker and the stores")
     parser.add_argument(
+        "--per-poll", type=int, default=PER_POLL, help="records per poll (max_records_per_poll)"
+    )
+    parser.add_argument(
         "--no-pin", action="store_true", help="(iii): do not pin the worker to one CPU"
     )
     args = parser.parse_args()
     if args.no_pin:
         ONE_CORE.clear()
+    per_poll: int = args.per_poll
 
     print(
         f"POLARS_MAX_THREADS={os.environ.get('POLARS_MAX_THREADS', '(unset)')}, Polars "
@@ -340,7 +347,7 @@ def main() -> None:
     records = build_records(args.batches, f"b{time.time_ns()}")
     samples = decode_records(records[:1]).samples.height * len(records)
     print(f"input: {len(records):,} records of ~1,000 samples ({samples:,} samples)")
-    bench_engine(records, frames)
+    bench_engine(records, frames, per_poll)
     print(f"peak RSS after (i): {rss_mib():.0f} MiB")
     if args.no_e2e:
         return
@@ -348,14 +355,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         duck = DuckDbStore(str(Path(tmp) / "w.duckdb"))
         duck.migrate()
-        bench_write("DuckDB", duck, records, frames)
+        bench_write("DuckDB", duck, records, frames, per_poll)
         duck.close()
 
         def pg_write(url: str) -> None:
             store = PgStore(url)
             store.migrate()
             try:
-                bench_write("PostgreSQL", store, records, frames)
+                bench_write("PostgreSQL", store, records, frames, per_poll)
             finally:
                 store.close()
 
@@ -369,7 +376,9 @@ def main() -> None:
             tduck = TimedDuckDb(str(Path(tmp) / "e2e.duckdb"))
             tduck.migrate()
             try:
-                bench_e2e("DuckDB", broker.bootstrap, tduck, tduck.timer, catalog, samples)
+                bench_e2e(
+                    "DuckDB", broker.bootstrap, tduck, tduck.timer, catalog, samples, per_poll
+                )
             finally:
                 tduck.close()
 
@@ -377,7 +386,15 @@ def main() -> None:
                 store = TimedPg(url)
                 store.migrate()
                 try:
-                    bench_e2e("PostgreSQL", broker.bootstrap, store, store.timer, catalog, samples)
+                    bench_e2e(
+                        "PostgreSQL",
+                        broker.bootstrap,
+                        store,
+                        store.timer,
+                        catalog,
+                        samples,
+                        per_poll,
+                    )
                 finally:
                     store.close()
 

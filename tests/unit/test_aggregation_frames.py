@@ -7,9 +7,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import polars as pl
+import pytest
 
-from aggregation.frames import HOURLY_KEY, sum_per_hour, sum_per_hour_with_sources
-from aggregation.ports import PARTIALS_SCHEMA
+from aggregation.frames import (
+    HOURLY_KEY,
+    _strictly_sorted,
+    prepare_rated,
+    sum_per_hour,
+    sum_per_hour_with_sources,
+)
+from aggregation.ports import LEDGER_SCHEMA, PARTIALS_SCHEMA
 
 H0 = datetime(2026, 10, 1, tzinfo=UTC)
 BIG = (10**38 - 1) // 2 + 1  # two of these may pass 38 digits
@@ -77,3 +84,25 @@ def test_rows_left_unsummed_still_give_one_source_row_per_hour_row() -> None:
         ("s1", "m", H0 + timedelta(hours=1)): [10],
         ("s2", "m", H0): [11],
     }
+
+
+def test_strictly_sorted_sees_order_and_repeats_on_every_key_column() -> None:
+    key = ("agent_id", "seq", "subscription_id", "hour_start")
+    rows = fresh(("a", 1, "s1", 0, 1, 1), ("a", 1, "s1", 1, 1, 1), ("a", 1, "s2", 0, 1, 1),
+                 ("a", 2, "s0", 0, 1, 2), ("b", 0, "s0", 0, 1, 3))  # fmt: skip
+    assert _strictly_sorted(rows, key)
+    assert _strictly_sorted(rows.head(1), key)
+    assert not _strictly_sorted(pl.concat([rows, rows.tail(1)]), key)  # a repeat
+    assert not _strictly_sorted(rows.reverse(), key)
+    swapped = pl.concat([rows.slice(1, 1), rows.slice(0, 1), rows.slice(2)])  # last column
+    assert not _strictly_sorted(swapped, key)
+
+
+def test_prepare_rated_refuses_clashing_rows_sorted_or_not() -> None:
+    ledger = pl.DataFrame([("a", 1, "t", 0, 0, H0, 2)], schema=LEDGER_SCHEMA, orient="row")
+    clash = fresh(("a", 1, "s1", 0, 1, 1), ("a", 1, "s1", 0, 2, 1)).drop("batch_id")
+    for partials in (clash, clash.reverse()):
+        with pytest.raises(ValueError, match="different rows for the same"):
+            prepare_rated(ledger, partials, [], H0)
+    same = fresh(("a", 1, "s1", 0, 1, 1), ("a", 1, "s1", 0, 1, 1)).drop("batch_id")
+    assert prepare_rated(ledger, same, [], H0).partials.height == 1
