@@ -15,13 +15,15 @@ draining a backlog).
    memory follows the backlog.
 
 Run: ``.venv/bin/python benchmarks/bench_freshness.py [--rate 1000000] [--seconds 20]
-[--backlog 1000] [--multipliers 1,4]`` (``--seconds 0`` skips the steady phase)
+[--backlog 1000] [--multipliers 1,4] [--one-core]`` (``--seconds 0`` skips the steady phase;
+``--one-core`` pins the draining worker to one CPU, Polars on one thread)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -213,18 +215,24 @@ def steady(bootstrap: str, pg_url: str, rate: int, seconds: float) -> None:
     )
 
 
-def backlog(bootstrap: str, pg_url: str, records: int, label: str) -> None:
+def backlog(bootstrap: str, pg_url: str, records: int, label: str, *, one_core: bool) -> None:
     topic = f"usage.backlog.{label}"
     create_topics(bootstrap, [topic, f"{topic}.dead"], partitions=4)
     sender = Sender(bootstrap, topic, f"b{time.time_ns()}")
     sender.send(records)
     sender.flush()
+    env = dict(os.environ)
+    if one_core:
+        env.update(POLARS_MAX_THREADS="1", BENCH_ONE_CORE="1")
     out = subprocess.run(
         [sys.executable, __file__, "--drain", bootstrap, topic, pg_url],
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
+        env=env,
     )
+    if out.returncode:
+        raise RuntimeError(f"the draining worker failed ({out.returncode}):\n{out.stderr}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(
         f"backlog {label}: {records:,} batches ({records * 1000:,} samples; ledger now "
@@ -235,8 +243,15 @@ def backlog(bootstrap: str, pg_url: str, records: int, label: str) -> None:
 
 
 def drain(bootstrap: str, topic: str, pg_url: str) -> None:
-    """The worker process of the backlog phase: rate until idle, print figures as JSON."""
+    """The worker process of the backlog phase: rate until idle, print figures as JSON.
+    With BENCH_ONE_CORE set, every thread of it runs on the last CPU (and Polars on one
+    thread): the worker's one core; the broker and PostgreSQL keep the other CPUs."""
+    if os.environ.get("BENCH_ONE_CORE"):
+        cpu = {max(os.sched_getaffinity(0))}
+        for task in Path("/proc/self/task").iterdir():  # threads started so far
+            os.sched_setaffinity(int(task.name), cpu)
     store = PgStore(pg_url)
+    store.migrate()  # a no-op after the steady phase; needed with --seconds 0
     with RatingWorker(
         worker_config(bootstrap, topic, f"drain-{topic}"),
         store,
@@ -262,6 +277,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--backlog", type=int, default=1000, help="batches of 1,000 samples")
     parser.add_argument("--multipliers", default="1,4", help="backlog sizes, x --backlog")
+    parser.add_argument(
+        "--one-core", action="store_true", help="backlog: pin the draining worker to one CPU"
+    )
     parser.add_argument("--drain", nargs=3, metavar=("BOOTSTRAP", "TOPIC", "PG_URL"))
     args = parser.parse_args()
     if args.drain:
@@ -278,7 +296,13 @@ def main() -> None:
                 if args.seconds > 0:
                     steady(broker.bootstrap, server.get_uri(), args.rate, args.seconds)
                 for m in args.multipliers.split(","):
-                    backlog(broker.bootstrap, server.get_uri(), int(m) * args.backlog, f"{m}x")
+                    backlog(
+                        broker.bootstrap,
+                        server.get_uri(),
+                        int(m) * args.backlog,
+                        f"{m}x",
+                        one_core=args.one_core,
+                    )
         finally:
             server.cleanup()
     finally:

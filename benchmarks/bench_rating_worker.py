@@ -151,14 +151,20 @@ def server_cpu_s(store: Store) -> float | None:
     """CPU seconds used so far by the PostgreSQL backend serving ``store`` (Linux /proc),
     or None (DuckDB, or no /proc): on a loaded machine, wall time says little about the
     server's share, its CPU time does."""
-    if not isinstance(store, PgStore):
-        return None
-    row = store._conn.execute("SELECT pg_backend_pid()").fetchone()  # benchmark-only peek
-    stat = Path(f"/proc/{row[0] if row else 0}/stat")
-    if not stat.exists():
+    pid = backend_pid(store)
+    stat = Path(f"/proc/{pid}/stat")
+    if pid is None or not stat.exists():
         return None
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def backend_pid(store: Store) -> int | None:
+    """The PostgreSQL backend serving ``store`` (None for DuckDB)."""
+    if not isinstance(store, PgStore):
+        return None
+    row = store._conn.execute("SELECT pg_backend_pid()").fetchone()  # benchmark-only peek
+    return int(row[0]) if row else None
 
 
 def server_note(before: float | None, store: Store) -> str:
@@ -243,6 +249,7 @@ def bench_e2e(
     catalog: Catalog,
     samples: int,
     per_poll: int,
+    broker_pid: int | None,
 ) -> None:
     cfg = WorkerConfig(
         bootstrap=bootstrap,
@@ -255,7 +262,9 @@ def bench_e2e(
         # Wait for the assignment before timing (a group join takes ~1 s on noida-db).
         while worker._consumer.assignment is None:
             worker.poll_once(0.1)
+        servers = [pid for pid in (broker_pid, backend_pid(store)) if pid is not None]
         pinned = pin_threads(ONE_CORE)
+        pin_servers(servers, ONE_CORE)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         server0 = server_cpu_s(store)
         timer.seconds, timer.samples = 0.0, 0
@@ -263,6 +272,7 @@ def bench_e2e(
             worker.poll_once(0.05)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         pin_threads(pinned)
+        pin_servers(servers, set())
     print(
         f"(iii) end to end into {label}: {done:,} samples in {wall:.2f} s = "
         f"{done / wall / 1e6:.2f} M samples/s ({cpu:.2f} CPU-s in this process"
@@ -272,10 +282,18 @@ def bench_e2e(
     )
 
 
-# The worker's one core in (iii): every thread of this process (main, the store writer,
-# librdkafka's) runs on the last CPU while timed; the servers (PostgreSQL, the broker) keep
-# the others. Empty: no pinning (``--no-pin``).
+# The worker's one core in (iii): every thread of this process (main, librdkafka's) runs
+# on the last CPU while timed, and the servers (the broker and the store's PostgreSQL
+# backend) on the others, so neither takes the other's CPU time. Empty: no pinning
+# (``--no-pin``).
 ONE_CORE: set[int] = {max(os.sched_getaffinity(0))}
+
+
+def pin_process(pid: int | str, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` ("self": this one) to ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(task.name), cpus)
 
 
 def pin_threads(cpus: set[int]) -> set[int]:
@@ -283,10 +301,15 @@ def pin_threads(cpus: set[int]) -> set[int]:
     affinity of the calling thread."""
     before = os.sched_getaffinity(0)
     if cpus:
-        for task in Path("/proc/self/task").iterdir():
-            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
-                os.sched_setaffinity(int(task.name), cpus)
+        pin_process("self", cpus)
     return before
+
+
+def pin_servers(pids: Sequence[int], worker_cpus: set[int]) -> None:
+    """Pin the processes ``pids`` to every CPU but ``worker_cpus`` (to all when empty)."""
+    every = set(range(os.cpu_count() or 1))
+    for pid in pids:
+        pin_process(pid, (every - worker_cpus) or every)
 
 
 def produce(bootstrap: str, topic: str, records: list[RawRecord]) -> None:
@@ -377,7 +400,14 @@ def main() -> None:
             tduck.migrate()
             try:
                 bench_e2e(
-                    "DuckDB", broker.bootstrap, tduck, tduck.timer, catalog, samples, per_poll
+                    "DuckDB",
+                    broker.bootstrap,
+                    tduck,
+                    tduck.timer,
+                    catalog,
+                    samples,
+                    per_poll,
+                    broker.pid,
                 )
             finally:
                 tduck.close()
@@ -394,6 +424,7 @@ def main() -> None:
                         catalog,
                         samples,
                         per_poll,
+                        broker.pid,
                     )
                 finally:
                     store.close()

@@ -59,6 +59,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (benchmarks pin it to a CPU)."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
