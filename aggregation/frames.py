@@ -135,26 +135,6 @@ def prepare_rated(
 _QUANTITY_LIMIT = 10**38 - 1
 
 
-def sum_per_hour(partials: pl.DataFrame) -> pl.DataFrame:
-    """``partials`` summed per (subscription_id, meter, hour_start): sum of ``quantity``,
-    max of ``quantity_max``, sum of ``sample_count`` (the columns of PARTIALS_SCHEMA but
-    the batch key). Polars' decimal sum wraps on overflow, so when a sum could pass 38
-    digits (rows per hour row x largest |quantity| > 10^38 - 1) the rows come back
-    unsummed, for the database's exact sum (which raises) to do it."""
-    hourly = partials.select(*HOURLY_KEY, "quantity", "quantity_max", "sample_count")
-    if not hourly.height:
-        return hourly
-    summed = hourly.group_by(HOURLY_KEY).agg(
-        pl.col("quantity").sum(),
-        pl.col("quantity_max").max(),
-        pl.col("sample_count").sum(),
-        pl.len().alias("rows"),
-    )
-    if _may_overflow(hourly["quantity"], summed["rows"]):
-        return hourly
-    return summed.drop("rows")
-
-
 def _may_overflow(quantity: pl.Series, rows: pl.Series) -> bool:
     """Whether a sum of ``rows`` (per hour row) values of ``quantity`` could pass 38 digits."""
     largest = int(quantity.abs().max() or 0)  # type: ignore[arg-type]
@@ -165,12 +145,14 @@ def _may_overflow(quantity: pl.Series, rows: pl.Series) -> bool:
 class HourlySources:
     """The new partial rows of a write_rated call summed per hour row, with their sources.
 
-    ``hourly`` has the columns of ``sum_per_hour``'s result plus ``lo`` and ``hi`` (Int32):
-    the 1-based, inclusive bounds of the hour row's batches in ``batch_ids`` (each hour
-    row's batch ids are contiguous there, each batch once). When a sum could pass 38 digits
-    the rows come back unsummed (as ``sum_per_hour`` does), those of one hour row next to
-    each other; then only the first of them carries the bounds and the others an empty
-    slice (``lo`` 1 > ``hi`` 0), so that the sources still come out one row per hour row.
+    ``hourly`` has the hour key, ``quantity`` (sum), ``quantity_max`` (max), ``sample_count``
+    (sum), and ``lo`` and ``hi`` (Int32): the 1-based, inclusive bounds of the hour row's
+    batches in ``batch_ids`` (each hour row's batch ids are contiguous there, each batch
+    once). Polars' decimal sum wraps on overflow, so when a sum could pass 38 digits (rows
+    per hour row x largest |quantity| > 10^38 - 1) the rows come back unsummed, for the
+    database's exact sum (which raises) to do it, those of one hour row next to each other;
+    then only the first of them carries the bounds and the others an empty slice (``lo`` 1 >
+    ``hi`` 0), so that the sources still come out one row per hour row.
     """
 
     hourly: pl.DataFrame
@@ -192,8 +174,8 @@ def _strictly_sorted(frame: pl.DataFrame, key: Sequence[str]) -> bool:
 
 def sum_per_hour_with_sources(fresh: pl.DataFrame) -> HourlySources:
     """``fresh`` (PARTIALS_SCHEMA plus ``batch_id``: the ledger's surrogate key of each
-    row's batch) summed per (subscription_id, meter, hour_start) like ``sum_per_hour``, and
-    the batch ids of each hour row, in one pass (one group_by, no sort of the rows)."""
+    row's batch) summed per (subscription_id, meter, hour_start), and the batch ids of each
+    hour row, in one pass (one group_by, no sort of the rows); see ``HourlySources``."""
     grouped = fresh.group_by(HOURLY_KEY).agg(
         pl.col("quantity").sum(),
         pl.col("quantity_max").max(),

@@ -13,7 +13,6 @@ from aggregation.frames import (
     HOURLY_KEY,
     _strictly_sorted,
     prepare_rated,
-    sum_per_hour,
     sum_per_hour_with_sources,
 )
 from aggregation.ports import LEDGER_SCHEMA, PARTIALS_SCHEMA
@@ -49,6 +48,15 @@ def sources(frame: pl.DataFrame) -> dict[tuple[object, ...], list[int]]:
     return found
 
 
+def summed(parts: pl.DataFrame) -> pl.DataFrame:
+    """The hour rows as the database would sum them."""
+    return (
+        parts.group_by(HOURLY_KEY)
+        .agg(pl.col("quantity").sum(), pl.col("quantity_max").max(), pl.col("sample_count").sum())
+        .sort(HOURLY_KEY)
+    )
+
+
 PARTS = fresh(
     ("a", 1, "s1", 0, 5, 10),
     ("a", 1, "s1", 1, 6, 10),
@@ -60,8 +68,7 @@ PARTS = fresh(
 
 def test_hour_rows_are_summed_and_each_lists_its_batches_once() -> None:
     result = sum_per_hour_with_sources(PARTS)
-    expected = sum_per_hour(PARTS.drop("batch_id")).sort(HOURLY_KEY)
-    assert result.hourly.drop("lo", "hi").sort(HOURLY_KEY).equals(expected)
+    assert result.hourly.drop("lo", "hi").sort(HOURLY_KEY).equals(summed(PARTS))
     assert result.hourly.schema["lo"] == result.hourly.schema["hi"] == pl.Int32()
     assert result.batch_ids.len() == PARTS.height
     assert sources(PARTS) == {
@@ -74,11 +81,10 @@ def test_hour_rows_are_summed_and_each_lists_its_batches_once() -> None:
 def test_rows_left_unsummed_still_give_one_source_row_per_hour_row() -> None:
     parts = pl.concat([PARTS, fresh(("d", 1, "s1", 0, BIG, 13))])
     result = sum_per_hour_with_sources(parts)
-    # Unsummed, as sum_per_hour leaves them: the database's exact sum adds them up.
+    # Unsummed: the database's exact sum adds them up.
     assert result.hourly.height == parts.height
-    assert sorted(result.hourly.drop("lo", "hi").rows()) == sorted(
-        sum_per_hour(parts.drop("batch_id")).rows()
-    )
+    columns = [*HOURLY_KEY, "quantity", "quantity_max", "sample_count"]
+    assert sorted(result.hourly.select(columns).rows()) == sorted(parts.select(columns).rows())
     assert sources(parts) == {
         ("s1", "m", H0): [10, 11, 12, 13],
         ("s1", "m", H0 + timedelta(hours=1)): [10],
