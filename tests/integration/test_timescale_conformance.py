@@ -283,3 +283,19 @@ def test_migration_4_turns_existing_usage_into_a_hypertable(timescale_url: str) 
             "WHERE hypertable_name = 'usage_hourly' AND hypertable_schema = current_schema()"
         ).fetchone()
         assert chunks == (2,)
+
+
+def test_usage_hourly_chunks_leave_room_for_hot_updates(
+    timescale_store: PgStore, admin: psycopg.Connection[Any]
+) -> None:
+    """Schema 7: the hypertable's fillfactor (70) reaches every chunk, old and new."""
+    for i, day in enumerate((5, 25)):  # two 7-day chunks
+        at = datetime(2026, 10, day, tzinfo=UTC)
+        write(timescale_store, "agent-ff", i, ("sub-1", "cpu", at, 1, 1, 1))
+    options = admin.execute(
+        "SELECT c.reloptions FROM timescaledb_information.chunks AS k "
+        "JOIN pg_class AS c ON c.oid = format('%I.%I', k.chunk_schema, k.chunk_name)::regclass "
+        "WHERE k.hypertable_name = 'usage_hourly' AND k.hypertable_schema = current_schema()"
+    ).fetchall()
+    assert len(options) >= 2
+    assert all("fillfactor=70" in (row[0] or []) for row in options), options
