@@ -19,7 +19,14 @@ import polars as pl
 
 from aggregation import migrations
 from aggregation.agent_tokens import check_agent_token, scope_from_json
-from aggregation.frames import BATCH_KEY, HOURLY_KEY, check_invoices, prepare_rated, require_aware
+from aggregation.frames import (
+    BATCH_KEY,
+    HOURLY_KEY,
+    NEW_BATCH_SCHEMA,
+    check_invoices,
+    prepare_rated,
+    require_aware,
+)
 from aggregation.lifecycle_events import check_events, latest_offsets, require_spans_of
 from aggregation.ports import (
     CHANGED_SCHEMA,
@@ -810,17 +817,10 @@ class DuckDbStore:
         return len(rows)
 
 
-_NEW_BATCH_SCHEMA: dict[str, pl.DataType] = {
-    "agent_id": pl.String(),
-    "seq": pl.Int64(),
-    "batch_id": pl.Int64(),
-}
-
-
 def _sources_of(partials: pl.DataFrame, new_keys: Sequence[Sequence[Any]]) -> pl.DataFrame:
     """One row per hour row the new batches (``new_keys``: rows of agent_id, seq, batch_id)
     added to, with their batch ids as a list (usage_sources)."""
-    keys = pl.DataFrame(new_keys, schema=_NEW_BATCH_SCHEMA, orient="row")
+    keys = pl.DataFrame(new_keys, schema=NEW_BATCH_SCHEMA, orient="row")
     return (
         partials.join(keys, on=list(BATCH_KEY), how="inner")
         .group_by(HOURLY_KEY)

@@ -135,6 +135,14 @@ def prepare_rated(
 _QUANTITY_LIMIT = 10**38 - 1
 
 
+# The batches a ledger insert counted (its RETURNING rows), with their surrogate keys.
+NEW_BATCH_SCHEMA: dict[str, pl.DataType] = {
+    "agent_id": pl.String(),
+    "seq": pl.Int64(),
+    "batch_id": pl.Int64(),
+}
+
+
 def _may_overflow(quantity: pl.Series, rows: pl.Series) -> bool:
     """Whether a sum of ``rows`` (per hour row) values of ``quantity`` could pass 38 digits."""
     largest = int(quantity.abs().max() or 0)  # type: ignore[arg-type]

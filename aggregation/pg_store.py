@@ -25,6 +25,7 @@ from aggregation import migrations
 from aggregation.agent_tokens import check_agent_token, scope_from_json
 from aggregation.frames import (
     BATCH_KEY,
+    NEW_BATCH_SCHEMA,
     RatedWrite,
     check_invoices,
     prepare_rated,
@@ -928,17 +929,10 @@ def _ledger_params(ledger: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-_NEW_BATCH_SCHEMA: dict[str, pl.DataType] = {
-    "agent_id": pl.String(),
-    "seq": pl.Int64(),
-    "batch_id": pl.Int64(),
-}
-
-
 def _partials_of(write: RatedWrite, new_keys: Sequence[Sequence[Any]]) -> pl.DataFrame:
     """The partial rows of the batches the ledger insert just counted (``new_keys``: rows of
     agent_id, seq, batch_id), each with its batch's ``batch_id``."""
-    keys = pl.DataFrame(new_keys, schema=_NEW_BATCH_SCHEMA, orient="row")
+    keys = pl.DataFrame(new_keys, schema=NEW_BATCH_SCHEMA, orient="row")
     return write.partials.join(keys, on=list(BATCH_KEY), how="inner")
 
 
