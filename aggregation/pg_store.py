@@ -418,27 +418,30 @@ class PgStore:
         self._known_months.update((table, m) for m in missing)
 
     def set_usage_retention(self, keep: timedelta | None) -> int | None:
-        """TimescaleDB only: keep usage_hourly chunks for ``keep`` (a retention policy that
-        drops older chunks), or keep everything (``None``, the default: billable usage is
-        never dropped unless configured). Returns the policy's job id, or None.
-        Must exceed the longest period that may still be re-closed."""
+        """TimescaleDB only: keep usage_hourly chunks, and the usage_sources chunks that
+        explain them, for ``keep`` (retention policies that drop older chunks), or keep
+        everything (``None``, the default: billable usage is never dropped unless
+        configured). Returns the job id of usage_hourly's policy, or None. Must exceed the
+        longest period that may still be re-closed."""
         with self._lock:
             if self._current_layout() != "timescaledb":
                 raise RuntimeError(
                     "a usage retention policy needs TimescaleDB; this database uses the "
                     f"{self._current_layout()!r} layout (drop old month partitions instead)"
                 )
+            jobs: list[int] = []
             with self._conn.transaction():
-                self._conn.execute(
-                    "SELECT remove_retention_policy('usage_hourly', if_exists => true)"
-                )
-                if keep is None:
-                    return None
-                row = self._conn.execute(
-                    "SELECT add_retention_policy('usage_hourly', drop_after => %s)", (keep,)
-                ).fetchone()
-            assert row is not None
-            return int(row[0])
+                for table in ("usage_hourly", "usage_sources"):
+                    self._conn.execute(
+                        "SELECT remove_retention_policy(%s, if_exists => true)", (table,)
+                    )
+                    if keep is not None:
+                        row = self._conn.execute(
+                            "SELECT add_retention_policy(%s, drop_after => %s)", (table, keep)
+                        ).fetchone()
+                        assert row is not None
+                        jobs.append(int(row[0]))
+            return jobs[0] if jobs else None
 
     # -- catalog -------------------------------------------------------------------------
     def save_catalog(self, document: str, digest: str, source: str, applied_at: datetime) -> int:
@@ -474,7 +477,8 @@ class PgStore:
         write = prepare_rated(ledger, partials, offsets, rated_at)
         new_batches = hourly_rows = 0
         with self._lock:
-            self._ensure_month_partitions("usage_hourly", write.partials["hour_start"])
+            for table in ("usage_hourly", "usage_sources"):
+                self._ensure_month_partitions(table, write.partials["hour_start"])
         with self._lock, self._conn.transaction():
             if write.ledger.height:
                 params = _ledger_params(write.ledger)
@@ -576,7 +580,8 @@ class PgStore:
             **_partials_params(replacement.partials),
         }
         with self._lock:
-            self._ensure_month_partitions("usage_hourly", replacement.partials["hour_start"])
+            for table in ("usage_hourly", "usage_sources"):
+                self._ensure_month_partitions(table, replacement.partials["hour_start"])
         with self._lock, self._conn.transaction():
             # SHARE conflicts with the ROW EXCLUSIVE lock write_rated's INSERT takes: rating
             # writes wait until this commits, and this waits for those in flight.

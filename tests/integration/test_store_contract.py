@@ -825,7 +825,11 @@ def test_pg_partitions_by_month_are_created_on_demand(pg_store: PgStore, pg_url:
         partitioned = admin.execute(
             "SELECT partrelid::regclass::text, partstrat FROM pg_partitioned_table ORDER BY 1"
         ).fetchall()
-        assert partitioned == [("resource_spans", "r"), ("usage_hourly", "r")]
+        assert partitioned == [
+            ("resource_spans", "r"),
+            ("usage_hourly", "r"),
+            ("usage_sources", "r"),
+        ]
         assert _partitions(admin, "usage_hourly") == {"usage_hourly_default": 0}
 
         pg_store.write_rated(
@@ -844,6 +848,11 @@ def test_pg_partitions_by_month_are_created_on_demand(pg_store: PgStore, pg_url:
             "usage_hourly_default": 0,
             "usage_hourly_p2026_10": 2,
             "usage_hourly_p2026_11": 1,
+        }
+        assert _partitions(admin, "usage_sources") == {  # one row per hour row (schema 8)
+            "usage_sources_default": 0,
+            "usage_sources_p2026_10": 2,
+            "usage_sources_p2026_11": 1,
         }
         bounds = admin.execute(
             "SELECT pg_get_expr(relpartbound, oid) FROM pg_class "

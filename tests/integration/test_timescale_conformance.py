@@ -84,6 +84,7 @@ def test_migration_makes_hypertables_aggregates_and_policies(
     assert dimensions == [
         ("resource_spans", "span_start", timedelta(days=7)),
         ("usage_hourly", "hour_start", timedelta(days=7)),
+        ("usage_sources", "hour_start", timedelta(days=7)),
     ]
     aggregates = admin.execute(
         "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates "
@@ -210,12 +211,15 @@ def test_usage_retention_is_a_setting(
     assert job is not None
     assert jobs(admin)["policy_retention", "usage_hourly"] == job
     assert timescale_store.set_usage_retention(timedelta(days=400)) != job  # replaced
-    job = jobs(admin)["policy_retention", "usage_hourly"]
-    admin.execute("CALL run_job(%s)", (job,))
+    # The sources that explain usage_hourly's rows go with them (schema 8).
+    for table in ("usage_hourly", "usage_sources"):
+        admin.execute("CALL run_job(%s)", (jobs(admin)["policy_retention", table],))
     assert timescale_store.usage_hourly(*EVER)["hour_start"].to_list() == [recent]
+    assert timescale_store.usage_batches("sub-1", "cpu", *EVER)["seq"].to_list() == [2]
 
     assert timescale_store.set_usage_retention(None) is None
     assert ("policy_retention", "usage_hourly") not in jobs(admin)
+    assert ("policy_retention", "usage_sources") not in jobs(admin)
 
 
 def test_period_close_of_the_e2e_catalog_on_timescale(timescale_store: PgStore) -> None:
