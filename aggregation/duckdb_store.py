@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -292,21 +292,16 @@ class DuckDbStore:
         """One transaction, with ``frames`` readable as views by name while it lasts. The
         views are registered before BEGIN and dropped after COMMIT or ROLLBACK, so that an
         aborted transaction cannot leave them behind or hide the error that aborted it."""
-        frames = frames or {}
-        with self._lock:
-            for name, frame in frames.items():
-                self._conn.register(name, frame)
+        with self._lock, ExitStack() as views:
+            for name, frame in (frames or {}).items():
+                views.enter_context(_registered(self._conn, name, frame))
+            self._conn.execute("BEGIN TRANSACTION")
             try:
-                self._conn.execute("BEGIN TRANSACTION")
-                try:
-                    yield self._conn
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            finally:
-                for name in frames:
-                    self._conn.unregister(name)
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def _frame(self, query: str, params: dict[str, Any]) -> pl.DataFrame:
         result = pl.from_arrow(self._conn.sql(query, params=params).to_arrow_table())
@@ -393,11 +388,9 @@ class DuckDbStore:
                 }
                 hourly_rows = len(conn.execute(_UPSERT_HOURLY, params).fetchall())
                 # Schema 6: which batches this call added to each hour row.
-                conn.register("meterline_sources_in", _sources_of(write.partials, new_keys))
-                try:
+                sources = _sources_of(write.partials, new_keys)
+                with _registered(conn, "meterline_sources_in", sources):
                     conn.execute(_INSERT_SOURCES)
-                finally:
-                    conn.unregister("meterline_sources_in")
             if write.offsets:
                 conn.execute(_UPSERT_OFFSETS, {"rated_at": rated_at})
         return WriteOutcome(
@@ -558,13 +551,10 @@ class DuckDbStore:
                 ).cast(pl.Schema(EVENTS_SCHEMA))
                 spans = check_spans(derive(stored))
                 require_spans_of(spans, touched)
-                conn.register("meterline_spans_in", spans)
-                try:
+                with _registered(conn, "meterline_spans_in", spans):
                     conn.execute(_DELETE_STALE_SPANS, {"resource_ids": touched})
                     if spans.height:
                         conn.execute(_UPSERT_SPANS)
-                finally:
-                    conn.unregister("meterline_spans_in")
             if consumed:
                 conn.execute(_UPSERT_OFFSETS, {"rated_at": stored_at})
         return LifecycleOutcome(new_events, handed_in - new_events, len(touched), spans.height)
@@ -815,6 +805,16 @@ class DuckDbStore:
                 {"published_at": published_at, "ids": list(event_ids)},
             ).fetchall()
         return len(rows)
+
+
+@contextmanager
+def _registered(conn: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> Iterator[None]:
+    """``frame`` readable as the view ``name`` while the block runs."""
+    conn.register(name, frame)
+    try:
+        yield
+    finally:
+        conn.unregister(name)
 
 
 def _sources_of(partials: pl.DataFrame, new_keys: Sequence[Sequence[Any]]) -> pl.DataFrame:

@@ -247,6 +247,9 @@ GROUP BY agent_id, seq, topic, partition, "offset", received_at
 ORDER BY topic, partition, "offset", agent_id, seq
 """
 
+# The tables partitioned (or chunked) by hour_start: usage and its sources (schema 8).
+_USAGE_TABLES = ("usage_hourly", "usage_sources")
+
 # Partitioned natively? Is TimescaleDB installed? (Its views exist only then.)
 _LAYOUT = """
 SELECT to_regclass('usage_hourly') IN (SELECT partrelid FROM pg_partitioned_table),
@@ -399,23 +402,24 @@ class PgStore:
             )
         return self._layout
 
-    def _ensure_month_partitions(self, table: str, instants: pl.Series) -> None:
-        """On the partitioned layout, create the month partitions of ``table`` that rows at
-        ``instants`` need and that this store has not seen yet, in their own short
+    def _ensure_month_partitions(self, tables: Sequence[str], instants: pl.Series) -> None:
+        """On the partitioned layout, create the month partitions of each of ``tables`` that
+        rows at ``instants`` need and that this store has not seen yet, in their own short
         transaction (so a write that fails later does not undo them). Rows of a month
         without a partition would still land in the DEFAULT partition."""
         if instants.is_empty() or self._current_layout() != "partitioned":
             return
         months = instants.dt.truncate("1mo").unique().to_list()
-        missing = [m for m in months if (table, m) not in self._known_months]
+        missing = [(t, m) for t in tables for m in months if (t, m) not in self._known_months]
         if not missing:
             return
         with self._conn.transaction():
-            self._conn.execute(
-                "SELECT meterline_ensure_month_partitions(%s, %s::timestamptz[])",
-                (table, missing),
-            )
-        self._known_months.update((table, m) for m in missing)
+            for table in dict.fromkeys(t for t, _ in missing):
+                self._conn.execute(
+                    "SELECT meterline_ensure_month_partitions(%s, %s::timestamptz[])",
+                    (table, [m for t, m in missing if t == table]),
+                )
+        self._known_months.update(missing)
 
     def set_usage_retention(self, keep: timedelta | None) -> int | None:
         """TimescaleDB only: keep usage_hourly chunks, and the usage_sources chunks that
@@ -431,7 +435,7 @@ class PgStore:
                 )
             jobs: list[int] = []
             with self._conn.transaction():
-                for table in ("usage_hourly", "usage_sources"):
+                for table in _USAGE_TABLES:
                     self._conn.execute(
                         "SELECT remove_retention_policy(%s, if_exists => true)", (table,)
                     )
@@ -477,8 +481,7 @@ class PgStore:
         write = prepare_rated(ledger, partials, offsets, rated_at)
         new_batches = hourly_rows = 0
         with self._lock:
-            for table in ("usage_hourly", "usage_sources"):
-                self._ensure_month_partitions(table, write.partials["hour_start"])
+            self._ensure_month_partitions(_USAGE_TABLES, write.partials["hour_start"])
         with self._lock, self._conn.transaction():
             if write.ledger.height:
                 params = _ledger_params(write.ledger)
@@ -580,8 +583,7 @@ class PgStore:
             **_partials_params(replacement.partials),
         }
         with self._lock:
-            for table in ("usage_hourly", "usage_sources"):
-                self._ensure_month_partitions(table, replacement.partials["hour_start"])
+            self._ensure_month_partitions(_USAGE_TABLES, replacement.partials["hour_start"])
         with self._lock, self._conn.transaction():
             # SHARE conflicts with the ROW EXCLUSIVE lock write_rated's INSERT takes: rating
             # writes wait until this commits, and this waits for those in flight.
@@ -606,7 +608,7 @@ class PgStore:
             return 0
         params = {c: spans[c].to_list() for c in SPANS_SCHEMA}
         with self._lock:
-            self._ensure_month_partitions("resource_spans", spans["span_start"])
+            self._ensure_month_partitions(("resource_spans",), spans["span_start"])
             with self._conn.transaction():
                 cursor = self._conn.execute(_WRITE_SPANS, params)
         return cursor.rowcount
@@ -647,7 +649,7 @@ class PgStore:
         with self._lock:
             # Span starts are event instants: the months of the new events are the only
             # ones a derived span may need a partition for.
-            self._ensure_month_partitions("resource_spans", events["occurred_at"])
+            self._ensure_month_partitions(("resource_spans",), events["occurred_at"])
             with self._conn.transaction():
                 if events.height:
                     params: dict[str, Any] = {c: events[c].to_list() for c in EVENTS_SCHEMA}
