@@ -245,7 +245,8 @@ def backlog(bootstrap: str, pg_url: str, records: int, label: str, *, one_core: 
 def drain(bootstrap: str, topic: str, pg_url: str) -> None:
     """The worker process of the backlog phase: rate until idle, print figures as JSON.
     With BENCH_ONE_CORE set, every thread of it runs on the last CPU (and Polars on one
-    thread): the worker's one core; the broker and PostgreSQL keep the other CPUs."""
+    thread): the worker's one core. The broker and PostgreSQL are not pinned here (they
+    may run on that CPU too; bench_rating_worker.py pins them away)."""
     if os.environ.get("BENCH_ONE_CORE"):
         cpu = {max(os.sched_getaffinity(0))}
         for task in Path("/proc/self/task").iterdir():  # threads started so far
