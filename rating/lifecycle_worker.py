@@ -34,10 +34,8 @@ from rating.consumer_loop import (
     next_offsets,
     undecodable_letter,
 )
-from rating.kafka_source import DeadLetterProducer, UsageConsumer
 from rating.lifecycle import decode_lifecycle_records, derive_spans
 from rating.record_codec import RawRecord
-from rating.worker import call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +105,9 @@ class SpansWorker(ConsumerLoop[SpansStats]):
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.config = config
-        self._store = store
         self._subscriptions = {r.id: r.subscription_id for r in catalog.resources.values()}
         self._clock = clock
-        self._sleep = sleep
-        super().__init__(
-            UsageConsumer(
-                config.bootstrap,
-                config.group_id,
-                config.topic,
-                self._stored_offsets,
-                config.consumer_config,
-                prefetch_records=config.max_records_per_poll,
-            ),
-            DeadLetterProducer(config.bootstrap, config.deadletter_topic, config.producer_config),
-            SpansStats(),
-            config.max_records_per_poll,
-            config.poll_timeout_s,
-        )
+        super().__init__(config, store, SpansStats(), sleep)
 
     def process(self, records: Sequence[RawRecord]) -> SpansStats:
         decoded = decode_lifecycle_records(records)
@@ -149,13 +132,9 @@ class SpansWorker(ConsumerLoop[SpansStats]):
             return derivation.spans
 
         now = self._clock()
-        outcome: LifecycleOutcome = call_with_retries(
+        outcome: LifecycleOutcome = self._retrying(
             "store.write_lifecycle_events",
             lambda: self._store.write_lifecycle_events(decoded.events, consumed, derive, now),
-            attempts=self.config.store_attempts,
-            backoff_s=self.config.store_backoff_s,
-            backoff_max_s=self.config.store_backoff_max_s,
-            sleep=self._sleep,
         )
         self._consumer.commit(offsets)
         return SpansStats(
@@ -168,14 +147,4 @@ class SpansWorker(ConsumerLoop[SpansStats]):
             spans=outcome.spans,
             unresolved_spans=unresolved,
             undecodable=len(decoded.undecodable),
-        )
-
-    def _stored_offsets(self, topic: str) -> dict[int, int]:
-        return call_with_retries(
-            "store.committed_offsets",
-            lambda: self._store.committed_offsets(self.config.group_id, topic),
-            attempts=self.config.store_attempts,
-            backoff_s=self.config.store_backoff_s,
-            backoff_max_s=self.config.store_backoff_max_s,
-            sleep=self._sleep,
         )

@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
 
 import polars as pl
 
@@ -42,7 +41,7 @@ from rating.consumer_loop import (
     next_offsets,
 )
 from rating.engine import MAX_DURATION_S, CatalogFrames, rate
-from rating.kafka_source import DeadLetter, DeadLetterProducer, UsageConsumer
+from rating.kafka_source import DeadLetter
 from rating.parquet_archive import ParquetArchive
 from rating.record_codec import RawRecord, decode_records, parse_record, subset_record
 
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 STAGE = "rating"
 # Longest meterline.error header, in characters; the rest is summarised.
 
-_T = TypeVar("_T")
 
 # Fault injection for the crash tests (tests/integration/test_exactly_once_failures.py):
 # METERLINE_RATING_CRASH_AT="<point>:<n>" makes the worker's process kill itself with
@@ -146,37 +144,6 @@ class WorkerStats:
         )
 
 
-def call_with_retries(
-    what: str,
-    call: Callable[[], _T],
-    *,
-    attempts: int,
-    backoff_s: float,
-    backoff_max_s: float,
-    sleep: Callable[[float], None] = time.sleep,
-) -> _T:
-    """Call, retrying on any exception up to ``attempts`` tries in all, waiting
-    ``backoff_s`` doubled each time (at most ``backoff_max_s``); re-raise the last error."""
-    delay = backoff_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except Exception as exc:
-            if attempt >= attempts:
-                raise
-            log.warning(
-                "%s failed (try %d of %d), retrying in %.2f s: %r",
-                what,
-                attempt,
-                attempts,
-                delay,
-                exc,
-            )
-        sleep(delay)
-        delay = min(delay * 2, backoff_max_s)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 class RatingWorker(ConsumerLoop[WorkerStats]):
     """Consumes the usage topic and writes rated usage to the store.
 
@@ -198,25 +165,10 @@ class RatingWorker(ConsumerLoop[WorkerStats]):
         if archive is None and config.archive_dir is not None:
             archive = ParquetArchive(config.archive_dir)
         self._archive = archive
-        self._store = store
         self._frames = CatalogFrames.from_catalog(catalog)
         self._clock = clock
-        self._sleep = sleep
         self._crash = CrashHook.from_env(os.environ.get(CRASH_ENV))
-        super().__init__(
-            UsageConsumer(
-                config.bootstrap,
-                config.group_id,
-                config.topic,
-                self._stored_offsets,
-                config.consumer_config,
-                prefetch_records=config.max_records_per_poll,
-            ),
-            DeadLetterProducer(config.bootstrap, config.deadletter_topic, config.producer_config),
-            WorkerStats(),
-            config.max_records_per_poll,
-            config.poll_timeout_s,
-        )
+        super().__init__(config, store, WorkerStats(), sleep)
 
     # -- one poll ------------------------------------------------------------------------
 
@@ -262,22 +214,6 @@ class RatingWorker(ConsumerLoop[WorkerStats]):
         )
         log.debug("rated a poll: %s", stats)
         return stats
-
-    def _stored_offsets(self, topic: str) -> dict[int, int]:
-        return self._retrying(
-            "store.committed_offsets",
-            lambda: self._store.committed_offsets(self.config.group_id, topic),
-        )
-
-    def _retrying(self, what: str, call: Callable[[], _T]) -> _T:
-        return call_with_retries(
-            what,
-            call,
-            attempts=self.config.store_attempts,
-            backoff_s=self.config.store_backoff_s,
-            backoff_max_s=self.config.store_backoff_max_s,
-            sleep=self._sleep,
-        )
 
 
 # -- dead letters ----------------------------------------------------------------------------

@@ -7,15 +7,10 @@ import pytest
 
 from meterline_proto.usage.v1 import samples_pb2, usage_record_pb2
 from rating.catalog_file import parse_catalog
+from rating.consumer_loop import call_with_retries
 from rating.engine import CatalogFrames, rate
 from rating.record_codec import RawRecord, decode_records
-from rating.worker import (
-    WorkerConfig,
-    WorkerStats,
-    call_with_retries,
-    undecodable_letter,
-    unresolved_letters,
-)
+from rating.worker import WorkerConfig, WorkerStats, undecodable_letter, unresolved_letters
 
 
 @pytest.mark.parametrize(
